@@ -1,0 +1,48 @@
+"""Liveness, readiness (DB, broker, store) and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import SessionDep, StoreDep
+from app.core.metrics import REGISTRY
+from app.core.queue import broker_reachable
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(session: SessionDep, store: StoreDep) -> Any:
+    checks = {
+        "database": await run_in_threadpool(_database_ok, session),
+        "broker": await run_in_threadpool(broker_reachable),
+        "store": await run_in_threadpool(store.healthy),
+    }
+    ready = all(checks.values())
+    return JSONResponse(
+        {"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503
+    )
+
+
+def _database_ok(session: Any) -> bool:
+    try:
+        session.execute(text("SELECT 1"))
+    except Exception:
+        return False
+    return True
+
+
+@router.get("/metrics")
+def metrics() -> Response:
+    return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)

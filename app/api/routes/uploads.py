@@ -1,0 +1,109 @@
+"""POST /v1/models and /v1/datasets: stream, hash, inspect, then record. Nothing half-written."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import ProjectDep, SessionDep, SettingsDep, StoreDep
+from app.api.upload import receive_file
+from app.core.errors import APIError, not_found
+from app.core.inspect import (
+    InspectError,
+    check_dataset_matches_model,
+    inspect_dataset_file,
+    inspect_model_file,
+)
+from app.db import crud
+from app.db.models import Dataset, Model
+from app.schemas.api import DatasetOut, ModelOut
+
+router = APIRouter(tags=["uploads"])
+
+
+def _refuse(exc: InspectError) -> APIError:
+    return APIError(exc.status, exc.code, exc.message, exc.details)
+
+
+@router.post("/models", status_code=201, response_model=ModelOut)
+async def upload_model(
+    request: Request, project: ProjectDep, session: SessionDep, store: StoreDep, settings: SettingsDep
+) -> Any:
+    received = await receive_file(request, store=store, limit=settings.max_upload_bytes)
+    try:
+        inspection = await run_in_threadpool(inspect_model_file, received.spool.path)
+    except InspectError as exc:
+        received.spool.discard()
+        raise _refuse(exc) from exc
+    address = await run_in_threadpool(store.commit, received.spool)
+    info = {**inspection.info, "inputs": inspection.inputs}
+    model = Model(
+        project_id=project.id,
+        filename=received.filename,
+        format=inspection.format,
+        sha256=address,
+        size_bytes=received.spool.size,
+        param_count=inspection.param_count,
+        info=info,
+    )
+    session.add(model)
+    await run_in_threadpool(session.commit)
+    return model
+
+
+@router.get("/models/{model_id}", response_model=ModelOut)
+def get_model(model_id: str, project: ProjectDep, session: SessionDep) -> Any:
+    model = crud.get_model(session=session, project_id=project.id, model_id=model_id)
+    if model is None:
+        raise not_found("model", model_id)
+    return model
+
+
+@router.post("/datasets", status_code=201, response_model=DatasetOut)
+async def upload_dataset(
+    request: Request, project: ProjectDep, session: SessionDep, store: StoreDep, settings: SettingsDep
+) -> Any:
+    """Optional form field `model_id` validates the arrays against that model's inputs at upload."""
+    received = await receive_file(request, store=store, limit=settings.max_upload_bytes)
+    try:
+        kind, info = await run_in_threadpool(inspect_dataset_file, received.spool.path)
+        _check_against_model(session, project.id, received.fields.get("model_id"), kind, info)
+    except InspectError as exc:
+        received.spool.discard()
+        raise _refuse(exc) from exc
+    except APIError:
+        received.spool.discard()
+        raise
+    address = await run_in_threadpool(store.commit, received.spool)
+    dataset = Dataset(
+        project_id=project.id,
+        filename=received.filename,
+        kind=kind,
+        sha256=address,
+        size_bytes=received.spool.size,
+        info=info,
+    )
+    session.add(dataset)
+    await run_in_threadpool(session.commit)
+    return dataset
+
+
+def _check_against_model(session: Any, project_id: str, model_id: str | None, kind: str, info: dict) -> None:
+    if not model_id:
+        return
+    model = crud.get_model(session=session, project_id=project_id, model_id=model_id)
+    if model is None:
+        raise not_found("model", model_id)
+    problems = check_dataset_matches_model(model.info.get("inputs", []), model.format, model.info, kind, info)
+    if problems:
+        raise APIError(422, "dataset_mismatch", "; ".join(problems), {"problems": problems})
+
+
+@router.get("/datasets/{dataset_id}", response_model=DatasetOut)
+def get_dataset(dataset_id: str, project: ProjectDep, session: SessionDep) -> Any:
+    dataset = crud.get_dataset(session=session, project_id=project.id, dataset_id=dataset_id)
+    if dataset is None:
+        raise not_found("dataset", dataset_id)
+    return dataset

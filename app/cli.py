@@ -1,0 +1,191 @@
+"""`modelpress` command line: serve, worker, migrate, janitor, admin, demo (and the client commands)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def migrate(url: str | None = None) -> None:
+    """alembic upgrade head on the configured database (SQLite file created on first use)."""
+    from alembic.config import Config
+
+    from alembic import command
+    from app.core.settings import get_settings
+
+    settings = get_settings()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    config = Config(str(ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(ROOT / "alembic"))
+    config.set_main_option("sqlalchemy.url", url or settings.resolved_database_url)
+    command.upgrade(config, "head")
+
+
+def worker_command(queues: str = "gpu,cpu", concurrency: int = 1, name: str | None = None) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "workers.celery_app",
+        "worker",
+        "-Q",
+        queues,
+        "--pool",
+        "solo" if concurrency == 1 else "prefork",
+        "-c",
+        str(concurrency),
+        "--loglevel",
+        "INFO",
+        "--without-gossip",
+        "--without-mingle",
+    ]
+    if name:
+        command += ["-n", name]
+    return command
+
+
+class WorkerSupervisor:
+    """Keeps local worker processes alive for `modelpress serve`; a crashed one is restarted."""
+
+    def __init__(self, count: int, queues: str) -> None:
+        self.count, self.queues = count, queues
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.stop = threading.Event()
+
+    def start(self) -> None:
+        self.processes = [self._spawn(i) for i in range(self.count)]
+        threading.Thread(target=self._watch, daemon=True, name="worker-supervisor").start()
+
+    def _spawn(self, index: int) -> subprocess.Popen[bytes]:
+        name = f"embedded{index}@%h"
+        return subprocess.Popen(worker_command(self.queues, 1, name), cwd=ROOT, env=os.environ.copy())
+
+    def _watch(self) -> None:
+        while not self.stop.wait(2.0):
+            for index, process in enumerate(self.processes):
+                if process.poll() is not None:
+                    logging.warning("worker %d exited with %s; restarting", index, process.returncode)
+                    self.processes[index] = self._spawn(index)
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        for process in self.processes:
+            process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                process.kill()
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    migrate()
+    supervisor = WorkerSupervisor(args.workers, args.queues) if args.workers > 0 else None
+    if supervisor:
+        supervisor.start()
+    try:
+        uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="info")
+    finally:
+        if supervisor:
+            supervisor.shutdown()
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    os.execv(sys.executable, worker_command(args.queues, args.concurrency))
+    return 0  # pragma: no cover
+
+
+def cmd_migrate(_: argparse.Namespace) -> int:
+    migrate()
+    print("database at head")
+    return 0
+
+
+def cmd_janitor(args: argparse.Namespace) -> int:
+    from app.core.janitor import run_janitor_once
+    from app.core.settings import get_settings
+
+    while True:
+        print(run_janitor_once(), flush=True)
+        if args.once:
+            return 0
+        time.sleep(get_settings().janitor_interval_s)
+
+
+def cmd_create_key(args: argparse.Namespace) -> int:
+    from app.db import crud
+    from app.db.session import session_scope
+
+    migrate()
+    with session_scope() as session:
+        project = crud.get_or_create_project(session=session, name=args.project)
+        key = crud.create_api_key(session=session, project=project)
+    print(key)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from app.demo import run_demo
+
+    return run_demo(method=args.method, config_json=args.config, port=args.port)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelpress", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="API + local workers (embedded default: SQLite, local store)")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--workers", type=int, default=1, help="local worker processes to supervise (0: none)")
+    serve.add_argument("--queues", default="gpu,cpu")
+    serve.set_defaults(func=cmd_serve)
+    worker = sub.add_parser("worker", help="a Celery worker process")
+    worker.add_argument("--queues", default="gpu,cpu")
+    worker.add_argument("--concurrency", type=int, default=1)
+    worker.set_defaults(func=cmd_worker)
+    sub.add_parser("migrate", help="alembic upgrade head").set_defaults(func=cmd_migrate)
+    janitor = sub.add_parser("janitor", help="reap dead workers' jobs, re-send lost messages")
+    janitor.add_argument("--once", action="store_true")
+    janitor.set_defaults(func=cmd_janitor)
+    admin = sub.add_parser("admin", help="administration").add_subparsers(dest="admin", required=True)
+    create_key = admin.add_parser("create-key", help="print a new API key for a project (created if new)")
+    create_key.add_argument("--project", required=True)
+    create_key.set_defaults(func=cmd_create_key)
+    demo = sub.add_parser("demo", help="end to end on the embedded default: build, upload, compress, report")
+    demo.add_argument("--method", default="quant_rtn")
+    demo.add_argument("--config", default=None, help="method config as JSON")
+    demo.add_argument("--port", type=int, default=8765)
+    demo.set_defaults(func=cmd_demo)
+    _add_client_commands(sub)
+    return parser
+
+
+def _add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    try:
+        from app.client.cli import add_commands
+    except ImportError:
+        return
+    add_commands(sub)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""Job creation and presentation: validate, record, enqueue. No compute happens here."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.errors import APIError, not_found, validation_details
+from app.core.inspect import check_dataset_matches_model
+from app.core.queue import send_job
+from app.core.settings import get_settings
+from app.db import crud
+from app.db.models import Dataset, Job, Model, Project
+from app.schemas.api import ArtifactOut, JobCreate, JobError, JobOut
+from compression.configs import CONFIG_CLASSES, MethodConfigBase, parse_config
+
+log = logging.getLogger(__name__)
+
+SUMMARY_KEYS = ("original", "compressed", "fidelity", "speedup", "size_ratio", "metric_name")
+# Methods whose input graph must be a torch module we can trace; ONNX/pt2/HF are all converted.
+METHOD_FORMATS: dict[str, tuple[str, ...]] = {
+    key: ("onnx", "torch_export", "hf_dir") for key in CONFIG_CLASSES
+}
+
+
+def validate_config(method: str, config: dict[str, Any]) -> MethodConfigBase:
+    if method not in CONFIG_CLASSES:
+        raise APIError(422, "unknown_method", f"unknown method {method!r}", {"known": sorted(CONFIG_CLASSES)})
+    try:
+        return parse_config(method, config)
+    except ValidationError as exc:
+        details = validation_details(list(exc.errors()))
+        for item in details:
+            item["path"] = "config." + ".".join(p for p in item["path"].split(".") if p != method)
+        raise APIError(422, "invalid_config", f"config for {method} failed validation", details) from exc
+
+
+def resolve_inputs(
+    *, session: Session, project: Project, body: JobCreate
+) -> tuple[Model, Dataset | None, Dataset | None]:
+    model = crud.get_model(session=session, project_id=project.id, model_id=body.model_id)
+    if model is None:
+        raise not_found("model", body.model_id)
+    datasets = []
+    for ident in (body.calibration_id, body.evaluation_id):
+        dataset = (
+            None
+            if ident is None
+            else crud.get_dataset(session=session, project_id=project.id, dataset_id=ident)
+        )
+        if ident is not None and dataset is None:
+            raise not_found("dataset", ident)
+        datasets.append(dataset)
+    return model, datasets[0], datasets[1]
+
+
+def preflight_checks(
+    *, model: Model, config: MethodConfigBase, calibration: Dataset | None, evaluation: Dataset | None
+) -> list[dict[str, Any]]:
+    """Torch-free checks the API can answer in milliseconds; each {name, ok, message}."""
+    checks = [
+        _check(
+            "format_supported",
+            model.format in METHOD_FORMATS[config.method],
+            f"{config.method} accepts {model.format} models",
+        ),
+        _check(
+            "calibration_present",
+            calibration is not None or evaluation is not None or not config.needs_calibration,
+            f"{config.method} {'needs' if config.needs_calibration else 'does not need'} calibration data",
+        ),
+    ]
+    for role, dataset in (("calibration", calibration), ("evaluation", evaluation)):
+        if dataset is None:
+            continue
+        problems = check_dataset_matches_model(
+            model.info.get("inputs", []), model.format, model.info, dataset.kind, dataset.info
+        )
+        checks.append(_check(f"{role}_matches_model", not problems, "; ".join(problems) or "inputs match"))
+    return checks
+
+
+def _check(name: str, ok: bool, message: str) -> dict[str, Any]:
+    return {"name": name, "ok": bool(ok), "message": message}
+
+
+def raise_on_failed_checks(checks: list[dict[str, Any]]) -> None:
+    failed = [c for c in checks if not c["ok"]]
+    if not failed:
+        return
+    first = failed[0]["name"]
+    code = {"calibration_present": "calibration_required", "format_supported": "unsupported_format"}.get(
+        first, "dataset_mismatch"
+    )
+    raise APIError(422, code, "; ".join(c["message"] for c in failed), {"checks": failed})
+
+
+def estimate(model: Model, config: MethodConfigBase) -> dict[str, Any]:
+    """Rough worker cost: weights in fp32 a few times over, plus a per-parameter time."""
+    params = model.param_count or model.size_bytes // 4
+    copies = 3.0 if config.method.startswith("quant") or config.method == "mixed_precision" else 2.5
+    seconds_per_mparam = {"quant_decoupleq": 4.0, "quant_gptq": 1.0, "mixed_precision": 6.0}.get(
+        config.method, 0.5
+    )
+    return {
+        "peak_memory_bytes": int(params * 4 * copies + 512 * 1024**2),
+        "seconds": round(10 + params / 1e6 * seconds_per_mparam, 1),
+        "basis": "parameter count; the worker re-estimates after loading",
+    }
+
+
+def request_hash(body: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def create_job(
+    *,
+    session: Session,
+    project: Project,
+    body: JobCreate,
+    config: MethodConfigBase,
+    idempotency_key: str | None,
+) -> tuple[Job, bool]:
+    """Commit the job row (or find the idempotent twin); returns (job, created)."""
+    digest = request_hash(body)
+    if idempotency_key:
+        existing = crud.find_job_by_idempotency_key(
+            session=session, project_id=project.id, key=idempotency_key
+        )
+        if existing is not None:
+            return _same_request(existing, digest), False
+    job = Job(
+        project_id=project.id,
+        model_id=body.model_id,
+        calibration_id=body.calibration_id,
+        evaluation_id=body.evaluation_id,
+        method=config.method,
+        config=config.model_dump(mode="json", exclude={"method"}),
+        gate=body.gate.model_dump(mode="json", exclude_none=True) if body.gate else None,
+        queue=body.queue or get_settings().default_queue,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+        stage="queued",
+    )
+    session.add(job)
+    try:
+        session.commit()
+    except IntegrityError:
+        session.rollback()
+        existing = crud.find_job_by_idempotency_key(
+            session=session, project_id=project.id, key=idempotency_key or ""
+        )
+        if existing is None:
+            raise
+        return _same_request(existing, digest), False
+    return job, True
+
+
+def _same_request(job: Job, digest: str) -> Job:
+    if job.request_hash != digest:
+        raise APIError(409, "idempotency_conflict", "this Idempotency-Key was used with a different request")
+    return job
+
+
+def dispatch(*, session: Session, job: Job) -> None:
+    """Send the task after the row is committed. A failed send is not an error: the janitor re-sends."""
+    try:
+        send_job(job.id, queue=job.queue, dispatch=job.dispatches + 1)
+    except Exception as exc:  # broker down: the row is the truth, the janitor retries
+        log.warning("could not send job %s now (%s); the janitor will re-send it", job.id, exc)
+        return
+    crud.mark_dispatched(session=session, job_id=job.id)
+    session.commit()
+    session.refresh(job)
+
+
+def job_out(*, session: Session, job: Job) -> JobOut:
+    artifacts = [ArtifactOut.model_validate(a) for a in crud.job_artifacts(session=session, job_id=job.id)]
+    error = JobError(code=job.error_code, message=job.error_message) if job.error_code else None
+    summary = {k: job.report[k] for k in SUMMARY_KEYS if k in job.report} if job.report else None
+    return JobOut(
+        id=job.id,
+        status=job.status,
+        stage=job.stage,
+        progress=job.progress,
+        message=job.message,
+        method=job.method,
+        model_id=job.model_id,
+        calibration_id=job.calibration_id,
+        evaluation_id=job.evaluation_id,
+        config=job.config,
+        gate=job.gate,
+        queue=job.queue,
+        error=error,
+        verdict=job.verdict,
+        summary=summary,
+        artifacts=artifacts,
+        attempts=job.attempts,
+        worker_host=job.worker_host,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        heartbeat_at=job.heartbeat_at,
+    )

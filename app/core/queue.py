@@ -1,0 +1,82 @@
+"""The Celery client the API and janitor send with. Tasks are sent by name: `app` never imports `workers`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import Any
+
+from celery import Celery
+from kombu import Queue
+
+from app.core.settings import Settings, get_settings
+
+RUN_JOB_TASK = "modelpress.run_job"
+QUEUES = ("gpu", "cpu")
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    config: dict[str, Any] = {
+        "broker_url": settings.resolved_broker_url,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_ignore_result": True,
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_default_queue": settings.default_queue,
+        "task_queues": [Queue(name) for name in QUEUES],
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": 3,
+        "worker_hijack_root_logger": False,
+        "broker_transport_options": {"visibility_timeout": 6 * 3600},
+    }
+    if settings.is_embedded_broker:
+        folder = settings.broker_folder
+        (folder / "processed").mkdir(parents=True, exist_ok=True)
+        config["broker_transport_options"] = {
+            "data_folder_in": str(folder),
+            "data_folder_out": str(folder),
+            "processed_folder": str(folder / "processed"),
+            "store_processed": False,
+        }
+    return config
+
+
+@lru_cache
+def get_celery() -> Celery:
+    celery = Celery("modelpress")
+    celery.conf.update(celery_config(get_settings()))
+    return celery
+
+
+def send_job(job_id: str, *, queue: str, dispatch: int) -> None:
+    """Publish one run of a job. The task id names the dispatch so duplicates are traceable."""
+    get_celery().send_task(RUN_JOB_TASK, args=[job_id], queue=queue, task_id=f"{job_id}-{dispatch}")
+
+
+def queue_depths() -> dict[str, int] | None:
+    """Messages waiting per queue when the broker can tell (Redis, filesystem); None otherwise."""
+    settings = get_settings()
+    url = settings.resolved_broker_url
+    if url.startswith("redis"):
+        import redis
+
+        client = redis.Redis.from_url(url, socket_timeout=2)
+        try:
+            return {name: int(client.llen(name)) for name in QUEUES}
+        finally:
+            client.close()
+    if settings.is_embedded_broker:
+        folder = settings.broker_folder
+        return {name: sum(1 for p in folder.glob(f"*.{name}.msg")) for name in QUEUES}
+    return None
+
+
+def broker_reachable() -> bool:
+    try:
+        with get_celery().connection_for_write() as connection:
+            connection.ensure_connection(max_retries=1, timeout=2)
+    except Exception:
+        return False
+    return True

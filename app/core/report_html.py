@@ -1,0 +1,54 @@
+"""report.html: the JSON report for people, with inline SVG charts (no JS, no external assets)."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from app.db.models import Job
+
+TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
+
+
+@lru_cache
+def _env() -> Environment:
+    return Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
+
+
+def bar_pairs(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Original vs compressed pairs for size, latency and the task metric, scaled for a bar chart."""
+    original, compressed = report.get("original", {}), report.get("compressed", {})
+    pairs = []
+    for key, label in (
+        ("size_bytes", "Size (bytes)"),
+        ("latency_ms", "Latency p50 (ms)"),
+        ("metric", "Task metric"),
+    ):
+        a, b = original.get(key), compressed.get(key)
+        if isinstance(a, int | float) and isinstance(b, int | float):
+            top = max(abs(a), abs(b)) or 1.0
+            pairs.append(
+                {
+                    "label": label,
+                    "original": a,
+                    "compressed": b,
+                    "wa": 300 * abs(a) / top,
+                    "wb": 300 * abs(b) / top,
+                }
+            )
+    return pairs
+
+
+def layer_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
+    layers = report.get("diagnosis", {}).get("layers", [])
+    finite = [r for r in layers if isinstance(r.get("sqnr_db"), int | float)]
+    top = max((r["sqnr_db"] for r in finite), default=1.0) or 1.0
+    return [{**r, "w": max(2.0, 300 * max(r["sqnr_db"], 0) / top)} for r in finite]
+
+
+def render_report_html(*, job: Job, report: dict[str, Any]) -> str:
+    template = _env().get_template("report.html.j2")
+    return template.render(job=job, report=report, bars=bar_pairs(report), layers=layer_rows(report))

@@ -1,0 +1,221 @@
+"""Database operations, keyword-only. Routes and the worker call these; nothing else writes rows."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from app.core.security import generate_api_key, hash_api_key
+from app.db.models import ApiKey, Artifact, Dataset, Job, Model, Project, utcnow
+
+
+def get_or_create_project(*, session: Session, name: str) -> Project:
+    project = session.scalar(select(Project).where(Project.name == name))
+    if project is None:
+        project = Project(name=name)
+        session.add(project)
+        session.flush()
+    return project
+
+
+def create_api_key(*, session: Session, project: Project) -> str:
+    key, prefix, key_hash = generate_api_key()
+    session.add(ApiKey(project_id=project.id, prefix=prefix, key_hash=key_hash))
+    session.flush()
+    return key
+
+
+def project_for_key(*, session: Session, key: str) -> Project | None:
+    row = session.scalar(
+        select(ApiKey).where(ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None))
+    )
+    return None if row is None else session.get(Project, row.project_id)
+
+
+def get_owned(*, session: Session, cls: type, project_id: str, ident: str) -> Any:
+    """The object of `cls` with this id in this project, else None (another project's id looks absent)."""
+    obj = session.get(cls, ident)
+    return obj if obj is not None and obj.project_id == project_id else None
+
+
+def find_job_by_idempotency_key(*, session: Session, project_id: str, key: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.project_id == project_id, Job.idempotency_key == key))
+
+
+def list_jobs(
+    *,
+    session: Session,
+    project_id: str,
+    status: str | None = None,
+    method: str | None = None,
+    model_id: str | None = None,
+    limit: int = 50,
+    offset: int = 0,
+) -> tuple[Sequence[Job], int]:
+    query = select(Job).where(Job.project_id == project_id)
+    if status:
+        query = query.where(Job.status == status)
+    if method:
+        query = query.where(Job.method == method)
+    if model_id:
+        query = query.where(Job.model_id == model_id)
+    total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
+    rows = session.scalars(
+        query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)
+    ).all()
+    return rows, total
+
+
+def job_artifacts(*, session: Session, job_id: str) -> Sequence[Artifact]:
+    return session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.kind)).all()
+
+
+def mark_dispatched(*, session: Session, job_id: str) -> None:
+    session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued")
+        .values(enqueued_at=utcnow(), dispatches=Job.dispatches + 1)
+    )
+
+
+def claim_job(*, session: Session, job_id: str, worker_host: str) -> bool:
+    """queued -> running, only once: a redelivered message finds the row already claimed."""
+    now = utcnow()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "queued", Job.cancel_requested.is_(False))
+        .values(
+            status="running",
+            attempts=Job.attempts + 1,
+            worker_host=worker_host,
+            started_at=now,
+            heartbeat_at=now,
+            stage="claimed",
+            progress=0.0,
+        )
+    )
+    return result.rowcount == 1
+
+
+def update_running_job(*, session: Session, job_id: str, worker_host: str, **values: Any) -> bool:
+    """Progress/heartbeat write that only lands while this worker still owns the running job."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.worker_host == worker_host)
+        .values(heartbeat_at=utcnow(), **values)
+    )
+    return result.rowcount == 1
+
+
+def finish_job(*, session: Session, job_id: str, worker_host: str, status: str, **values: Any) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == "running", Job.worker_host == worker_host)
+        .values(status=status, finished_at=utcnow(), heartbeat_at=utcnow(), **values)
+    )
+    return result.rowcount == 1
+
+
+def request_cancel(*, session: Session, job: Job) -> None:
+    """A queued job is cancelled at once; a running one is flagged and its worker stops at the next check."""
+    now = utcnow()
+    session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "queued")
+        .values(status="cancelled", cancel_requested=True, finished_at=now, stage="cancelled")
+    )
+    session.execute(
+        update(Job).where(Job.id == job.id, Job.status == "running").values(cancel_requested=True)
+    )
+    session.refresh(job)
+
+
+def stale_running_jobs(*, session: Session, before: datetime) -> Sequence[Job]:
+    return session.scalars(select(Job).where(Job.status == "running", Job.heartbeat_at < before)).all()
+
+
+def unclaimed_queued_jobs(*, session: Session, before: datetime) -> Sequence[Job]:
+    return session.scalars(
+        select(Job).where(Job.status == "queued", (Job.enqueued_at.is_(None)) | (Job.enqueued_at < before))
+    ).all()
+
+
+def requeue_stale_job(*, session: Session, job: Job, before: datetime) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "running", Job.heartbeat_at < before)
+        .values(
+            status="queued",
+            stage="requeued",
+            worker_host=None,
+            progress=0.0,
+            enqueued_at=None,
+            message=f"worker {job.worker_host} stopped heartbeating; retrying",
+        )
+    )
+    return result.rowcount == 1
+
+
+def fail_stale_job(*, session: Session, job: Job, before: datetime) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job.id, Job.status == "running", Job.heartbeat_at < before)
+        .values(
+            status="failed",
+            finished_at=utcnow(),
+            error_code="worker_lost",
+            error_message=(
+                f"worker {job.worker_host} stopped heartbeating during stage {job.stage!r}; "
+                f"gave up after {job.attempts} attempt(s)"
+            ),
+        )
+    )
+    return result.rowcount == 1
+
+
+def count_jobs_by_status(*, session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.status, func.count()).group_by(Job.status)).all()
+    return {status: count for status, count in rows}
+
+
+def finished_job_durations(*, session: Session) -> list[float]:
+    rows = session.execute(
+        select(Job.started_at, Job.finished_at).where(
+            Job.finished_at.is_not(None), Job.started_at.is_not(None)
+        )
+    ).all()
+    return [max(0.0, (_aware(end) - _aware(start)).total_seconds()) for start, end in rows]
+
+
+def _aware(moment: datetime) -> datetime:
+    from datetime import UTC
+
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def create_artifact(
+    *, session: Session, project_id: str, job_id: str, kind: str, filename: str, sha256: str, size_bytes: int
+) -> Artifact:
+    artifact = Artifact(
+        project_id=project_id,
+        job_id=job_id,
+        kind=kind,
+        filename=filename,
+        sha256=sha256,
+        size_bytes=size_bytes,
+    )
+    session.add(artifact)
+    session.flush()
+    return artifact
+
+
+def get_model(*, session: Session, project_id: str, model_id: str) -> Model | None:
+    return get_owned(session=session, cls=Model, project_id=project_id, ident=model_id)
+
+
+def get_dataset(*, session: Session, project_id: str, dataset_id: str) -> Dataset | None:
+    return get_owned(session=session, cls=Dataset, project_id=project_id, ident=dataset_id)

@@ -1,0 +1,42 @@
+"""The FastAPI application: routes under /v1, health at the root, one error shape."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI
+
+from app.api.routes import health, jobs, methods, uploads
+from app.core.errors import install_error_handlers
+from app.core.janitor import start_janitor_thread
+from app.core.settings import get_settings
+
+
+@asynccontextmanager
+async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+    stop = threading.Event()
+    if get_settings().janitor_enabled:
+        start_janitor_thread(stop)
+    yield
+    stop.set()
+
+
+def create_app() -> FastAPI:
+    app = FastAPI(
+        title="modelpress",
+        version="0.1.0",
+        description="Self-hostable model compression with an accuracy/latency gate.",
+        lifespan=lifespan,
+    )
+    install_error_handlers(app)
+    v1 = APIRouter(prefix="/v1")
+    for module in (uploads, jobs, methods):
+        v1.include_router(module.router)
+    app.include_router(v1)
+    app.include_router(health.router)
+    return app
+
+
+app = create_app()

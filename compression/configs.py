@@ -1,0 +1,215 @@
+"""Inert, torch-free configs: one frozen pydantic model per method, one discriminated union.
+
+The method key (`quant_rtn`, ...) is the config's `method` literal, the registry key, the module
+name under `compression.methods`, the DB value and the URL segment. The API validates user JSON
+against these models and never imports torch.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+Bits = Literal[2, 3, 4, 8]
+
+
+class _Inert(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class MethodConfigBase(_Inert):
+    """Fields every method shares."""
+
+    needs_calibration: ClassVar[bool] = True
+    summary: ClassVar[str] = ""
+
+    seed: int = Field(0, ge=0, description="Seed for every random choice; same seed, same result.")
+    skip_layers: list[str] = Field(
+        default_factory=list,
+        description="Module names (or fnmatch patterns) left untouched, e.g. from a previous report's suggestions.",
+    )
+
+
+class QuantizerFields(MethodConfigBase):
+    """Weight-only quantization: W ≈ W_int·S + Z per output row and group."""
+
+    bits: Bits = 4
+    group_size: int | None = Field(
+        128, description="Input columns per (S, Z) group; null for one group per output channel."
+    )
+    symmetric: bool = Field(False, description="Z = 0 when true; a free float Z per group when false.")
+    quantize_embeddings: Literal[None, 4, 8] = Field(
+        None, description="Also RTN-quantize embedding tables at 4 or 8 bits (default: keep float)."
+    )
+    quantize_head: Literal[None, 4, 8] = Field(
+        None, description="Also RTN-quantize the output head at 4 or 8 bits (default: keep float)."
+    )
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size_power_of_two(cls, value: int | None) -> int | None:
+        if value is not None and (value < 16 or value & (value - 1)):
+            raise ValueError("group_size must be a power of two >= 16, or null for per-channel")
+        return value
+
+
+class RTNConfig(QuantizerFields):
+    needs_calibration: ClassVar[bool] = False
+    summary: ClassVar[str] = "Round-to-nearest weight-only quantization (baseline)."
+    method: Literal["quant_rtn"] = "quant_rtn"
+
+
+class GPTQConfig(QuantizerFields):
+    summary: ClassVar[str] = "GPTQ: Hessian-aware sequential rounding with error feedback."
+    method: Literal["quant_gptq"] = "quant_gptq"
+    damp_percent: float = Field(0.01, gt=0, le=1, description="Diagonal damping as a fraction of mean diag(H).")
+    act_order: bool = Field(True, description="Quantize columns in order of decreasing Hessian diagonal.")
+    block_size: int = Field(128, ge=1, le=4096, description="Columns per lazy-batch update.")
+
+
+class DecoupleQConfig(QuantizerFields):
+    summary: ClassVar[str] = (
+        "decoupleQ: integer codes and float (S, Z) solved alternately against the layer Hessian, "
+        "then an optional block-wise refinement of the float part."
+    )
+    method: Literal["quant_decoupleq"] = "quant_decoupleq"
+    bits: Literal[2, 3, 4] = 2
+    integer_step: Literal["gptq", "pgd"] = Field("gptq", description="How the integer codes are solved.")
+    iterations: int = Field(3, ge=1, le=100, description="Alternations of integer step and (S, Z) least squares.")
+    pgd_steps: int = Field(50, ge=1, le=10_000, description="Projected-gradient steps when integer_step='pgd'.")
+    damp_percent: float = Field(0.01, gt=0, le=1)
+    act_order: bool = True
+    blockwise: bool = Field(True, description="Block-wise stage: freeze integers, train S, Z and norms.")
+    blockwise_lr: float = Field(1e-4, gt=0, le=1)
+    blockwise_epochs: int = Field(2, ge=0, le=100)
+
+
+class PruneTarget(_Inert):
+    metric: Literal["flops", "params", "latency", "ratio"] = "flops"
+    reduction: float = Field(0.5, gt=0, lt=1, description="Fraction of the metric to remove.")
+
+
+class PruneStructuredConfig(MethodConfigBase):
+    summary: ClassVar[str] = "Structured pruning of channels, filters, heads and FFN neurons into a smaller dense model."
+    method: Literal["prune_structured"] = "prune_structured"
+    target: PruneTarget = Field(default_factory=PruneTarget)
+    importance: Literal["l1", "l2", "bn_scale", "taylor", "activation"] = "l1"
+    recovery: Literal["none", "bn_recalibration", "distillation"] = "bn_recalibration"
+    global_pruning: bool = False
+    round_to: int = Field(8, ge=1, le=128, description="Round kept channel counts to a multiple of this.")
+    distillation_steps: int = Field(200, ge=1, le=100_000)
+    max_layer_ratio: float = Field(0.8, gt=0, lt=1, description="Never remove more than this fraction of a layer.")
+
+
+class PruneUnstructuredConfig(MethodConfigBase):
+    needs_calibration: ClassVar[bool] = False
+    summary: ClassVar[str] = "Magnitude or N:M semi-structured sparsity (smaller on disk; no CPU speedup)."
+    method: Literal["prune_unstructured"] = "prune_unstructured"
+    sparsity: float = Field(0.5, gt=0, lt=1)
+    pattern: Literal["unstructured", "2:4", "4:8"] = "unstructured"
+
+
+class MixedPrecisionConfig(MethodConfigBase):
+    summary: ClassVar[str] = "Per-layer bit widths from measured sensitivity and an integer program under a budget."
+    method: Literal["mixed_precision"] = "mixed_precision"
+    budget_bits: float = Field(3.0, gt=1, le=16, description="Average bits per quantized weight.")
+    candidates: list[Literal[2, 3, 4, 8, 16]] = Field(default_factory=lambda: [2, 3, 4, 8])
+    quantizer: Literal["rtn", "gptq", "decoupleq"] = "gptq"
+    group_size: int | None = 128
+    symmetric: bool = False
+    budgets: list[float] | None = Field(None, description="Several budgets for a Pareto sweep.")
+    budget_kind: Literal["bits", "bitops", "latency"] = "bits"
+    metric_weights: dict[str, float] = Field(default_factory=lambda: {"sqnr": 1.0, "kl": 1.0, "task": 1.0})
+
+    @model_validator(mode="after")
+    def _candidates_cover_budget(self) -> MixedPrecisionConfig:
+        if not self.candidates:
+            raise ValueError("candidates must not be empty")
+        for budget in [self.budget_bits, *(self.budgets or [])]:
+            if budget < min(self.candidates):
+                raise ValueError(f"budget {budget} is below the smallest candidate {min(self.candidates)}")
+        return self
+
+
+class DataFreeConfig(MethodConfigBase):
+    needs_calibration: ClassVar[bool] = False
+    summary: ClassVar[str] = "UDFC: data-free pruning and quantization with closed-form compensation in the next layer."
+    method: Literal["data_free"] = "data_free"
+    prune_ratio: float = Field(0.3, ge=0, lt=1)
+    bits: Literal[2, 3, 4, 5, 6, 8] | None = 6
+    criterion: Literal["l1", "l2"] = "l1"
+    compensation: Literal["udfc", "none", "one_to_one"] = Field(
+        "udfc",
+        description="udfc: each pruned channel rebuilt from all kept channels (paper Eq. 20); "
+        "none: plain pruning; one_to_one: Neuron-Merging-style single most similar partner.",
+    )
+    alpha1: float = Field(0.01, ge=0, description="Weight of the folded-bias term in the pruning fit (paper: 0.01).")
+    alpha2: float = Field(
+        0.008, ge=0, description="Weight of the folded-bias term in the quantization scale (paper: 0.008)."
+    )
+    ridge: float = Field(1e-4, ge=0, description="Ridge term for ill-conditioned fits, relative to mean diag(Gram).")
+    nonnegative: bool = Field(
+        False, description="Constrain the pruning coefficients to be >= 0 (NNLS). Not in the paper."
+    )
+    bias_correction: bool = Field(
+        False,
+        description="Absorb each pruned channel's expected residual (BN statistics, Gaussian ReLU mean) into the "
+        "consumer bias. Not in the paper.",
+    )
+    layer_ratios: dict[str, float] = Field(
+        default_factory=dict, description="Per-layer prune ratios by producer name or fnmatch pattern."
+    )
+
+    @field_validator("layer_ratios")
+    @classmethod
+    def _ratios_in_range(cls, value: dict[str, float]) -> dict[str, float]:
+        for pattern, ratio in value.items():
+            if not 0 <= ratio < 1:
+                raise ValueError(f"layer_ratios[{pattern!r}] = {ratio} is outside [0, 1)")
+        return value
+
+
+MethodConfig = Annotated[
+    RTNConfig
+    | GPTQConfig
+    | DecoupleQConfig
+    | PruneStructuredConfig
+    | PruneUnstructuredConfig
+    | MixedPrecisionConfig
+    | DataFreeConfig,
+    Field(discriminator="method"),
+]
+
+CONFIG_CLASSES: dict[str, type[MethodConfigBase]] = {
+    cls.model_fields["method"].default: cls
+    for cls in (
+        RTNConfig,
+        GPTQConfig,
+        DecoupleQConfig,
+        PruneStructuredConfig,
+        PruneUnstructuredConfig,
+        MixedPrecisionConfig,
+        DataFreeConfig,
+    )
+}
+METHOD_KEYS: tuple[str, ...] = tuple(CONFIG_CLASSES)
+
+_method_config_adapter: TypeAdapter[Any] = TypeAdapter(MethodConfig)
+
+
+def parse_config(method: str, config: dict[str, Any] | None) -> MethodConfigBase:
+    """Validate a user's config for `method`; raises KeyError for an unknown method."""
+    if method not in CONFIG_CLASSES:
+        raise KeyError(method)
+    return _method_config_adapter.validate_python({**(config or {}), "method": method})
+
+
+class Gate(_Inert):
+    """The job contract: every set field is checked against the measured report."""
+
+    max_metric_drop: float | None = Field(None, ge=0, description="Largest allowed drop of the task metric.")
+    drop_is_relative: bool = Field(False, description="Drop as a fraction of the original metric.")
+    min_speedup: float | None = Field(None, gt=0, description="Original latency / compressed latency, at least.")
+    max_size_bytes: int | None = Field(None, gt=0)
+    min_fraction_at_target_bits: float | None = Field(None, ge=0, le=1)

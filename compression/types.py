@@ -1,0 +1,71 @@
+"""Data types shared by every method: calibration batches, results, progress callbacks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+ProgressFn = Callable[[float, str], None]
+"""progress(fraction 0..1 of this method's work, short human message)."""
+
+
+def no_progress(fraction: float, message: str) -> None:
+    return None
+
+
+@dataclass
+class Batches:
+    """Model inputs as keyword batches: `model(**batch)` returns one tensor (logits or hidden states)."""
+
+    inputs: list[dict[str, torch.Tensor]]
+    labels: list[torch.Tensor] | None = None
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return iter(self.inputs)
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass
+class QuantizedLayer:
+    """One layer's weights as W = codes·S + Z, per output row and group of input columns.
+
+    codes: signed integers in [-2^(b-1), 2^(b-1)-1], shape [out, in_flat] (int8).
+    scales, zeros: float [out, n_groups]; zeros are all 0 for symmetric quantizers.
+    orig_shape: the float weight's shape (Conv: out, in/groups, kh, kw).
+    """
+
+    name: str
+    kind: str  # "linear" | "conv2d" | "conv1d_hf" | "embedding"
+    bits: int
+    group_size: int | None
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    orig_shape: tuple[int, ...]
+
+    def dequantize(self) -> torch.Tensor:
+        out, cols = self.codes.shape
+        group = self.group_size or cols
+        reps = torch.full((self.scales.shape[1],), group, dtype=torch.long)
+        reps[-1] = cols - group * (self.scales.shape[1] - 1)
+        scales = torch.repeat_interleave(self.scales.float(), reps, dim=1)
+        zeros = torch.repeat_interleave(self.zeros.float(), reps, dim=1)
+        return (self.codes.float() * scales + zeros).reshape(self.orig_shape)
+
+
+@dataclass
+class CompressionResult:
+    """What every method returns. `model` is a runnable float module (fake-quantized weights)."""
+
+    model: nn.Module
+    method: str
+    quantized: dict[str, QuantizedLayer] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)  # layer name -> why it stayed float
+    stats: dict[str, Any] = field(default_factory=dict)  # method-specific numbers for the report
+    notes: list[str] = field(default_factory=list)  # human statements for the report ("variant ran: ...")

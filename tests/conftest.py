@@ -1,0 +1,130 @@
+"""Shared fixtures: a fresh environment per test (data dir, database, broker), real services where used.
+
+`service_env(db=..., broker=...)` points every cached factory (settings, engine, store, Celery) at a
+new place and migrates the database with Alembic, the same code path production uses.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+POSTGRES_ADMIN_URL = os.environ.get(
+    "MODELPRESS_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
+)
+REDIS_URL = os.environ.get("MODELPRESS_TEST_REDIS", "redis://127.0.0.1:6379")
+
+
+def clear_caches() -> None:
+    from app.core.queue import get_celery
+    from app.core.settings import get_settings
+    from app.db.session import get_engine, get_sessionmaker
+    from app.storage.store import get_store
+
+    for factory in (get_settings, get_sessionmaker, get_store, get_celery):
+        factory.cache_clear()
+    with contextlib.suppress(Exception):
+        get_engine().dispose()
+    get_engine.cache_clear()
+
+
+def create_postgres_database() -> str:
+    import sqlalchemy as sa
+
+    name = f"mp_test_{uuid.uuid4().hex[:10]}"
+    engine = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sa.text(f'CREATE DATABASE "{name}"'))
+    engine.dispose()
+    return POSTGRES_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+
+def drop_postgres_database(url: str) -> None:
+    import sqlalchemy as sa
+
+    name = url.rsplit("/", 1)[1]
+    engine = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with engine.connect() as connection:
+        connection.execute(sa.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    engine.dispose()
+
+
+@pytest.fixture
+def service_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., dict[str, str]]]:
+    """Call with db='sqlite'|'postgres', broker='embedded'|<redis url>; returns the env it set."""
+    created: list[str] = []
+
+    def configure(db: str = "sqlite", broker: str = "embedded", **extra: str) -> dict[str, str]:
+        env = {
+            "MODELPRESS_DATA_DIR": str(tmp_path / "var"),
+            "MODELPRESS_JANITOR_ENABLED": "false",
+            "MODELPRESS_DATABASE_URL": "",
+            "MODELPRESS_BROKER_URL": "" if broker == "embedded" else broker,
+            **extra,
+        }
+        if db == "postgres":
+            env["MODELPRESS_DATABASE_URL"] = create_postgres_database()
+            created.append(env["MODELPRESS_DATABASE_URL"])
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        clear_caches()
+        from app.cli import migrate
+
+        migrate()
+        return env
+
+    yield configure
+    clear_caches()
+    for url in created:
+        drop_postgres_database(url)
+
+
+@pytest.fixture
+def api(service_env: Callable[..., dict[str, str]]) -> Iterator[ApiClient]:
+    service_env()
+    yield from _api_client()
+
+
+def _api_client() -> Iterator[ApiClient]:
+    from fastapi.testclient import TestClient
+
+    from app.main import create_app
+
+    with TestClient(create_app()) as client:
+        yield ApiClient(client)
+
+
+class ApiClient:
+    """A TestClient plus helpers to make projects and keys through the same crud code the CLI uses."""
+
+    def __init__(self, client: object) -> None:
+        self.client = client
+        self.key = self.new_key("default")
+
+    @staticmethod
+    def new_key(project: str) -> str:
+        from app.db import crud
+        from app.db.session import session_scope
+
+        with session_scope() as session:
+            return crud.create_api_key(
+                session=session, project=crud.get_or_create_project(session=session, name=project)
+            )
+
+    def headers(self, key: str | None = None) -> dict[str, str]:
+        return {"Authorization": f"Bearer {key or self.key}"}
+
+    def get(self, url: str, key: str | None = None, **kw: object):  # type: ignore[no-untyped-def]
+        return self.client.get(url, headers={**self.headers(key), **kw.pop("headers", {})}, **kw)  # type: ignore[attr-defined]
+
+    def post(self, url: str, key: str | None = None, **kw: object):  # type: ignore[no-untyped-def]
+        return self.client.post(url, headers={**self.headers(key), **kw.pop("headers", {})}, **kw)  # type: ignore[attr-defined]
+
+    def upload(self, url: str, path: Path, key: str | None = None, **fields: str):  # type: ignore[no-untyped-def]
+        with open(path, "rb") as fh:
+            return self.post(url, key, files={"file": (path.name, fh)}, data=fields)

@@ -1,0 +1,150 @@
+"""claim -> load -> compress -> evaluate -> export -> benchmark -> persist, for one job id."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any
+
+from app.db import crud
+from app.db.models import Dataset, Job, Model
+from app.db.session import session_scope
+from app.storage.store import get_store
+from workers.reporter import JobCancelled, JobReporter, LostOwnership
+
+log = logging.getLogger(__name__)
+
+
+def worker_host() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def execute_job(job_id: str) -> None:
+    host = worker_host()
+    with session_scope() as session:
+        if not crud.claim_job(session=session, job_id=job_id, worker_host=host):
+            log.info("job %s already claimed or not queued; message ignored", job_id)
+            return
+    with (
+        tempfile.TemporaryDirectory(prefix=f"modelpress-{job_id}-") as tmp,
+        JobReporter(job_id, host) as reporter,
+    ):
+        try:
+            output = _run(job_id, Path(tmp), reporter)
+            _persist_success(job_id, host, output)
+        except JobCancelled:
+            _finish(job_id, host, "cancelled", stage="cancelled", message="cancelled on request")
+        except LostOwnership:
+            log.warning("job %s was reaped from this worker; dropping its result", job_id)
+        except Exception as exc:  # every failure ends the job with a reason
+            _fail(job_id, host, exc)
+
+
+def _run(job_id: str, work_dir: Path, reporter: JobReporter) -> Any:
+    from compression.job import JobSpec, run_job
+
+    spec_fields = _fetch_inputs(job_id, work_dir)
+    reporter.progress("load", 0.0, "inputs fetched")
+    spec = JobSpec(work_dir=work_dir / "out", device=_device(), **spec_fields)
+    spec.work_dir.mkdir(parents=True, exist_ok=True)
+    return run_job(spec, progress=reporter.progress, should_cancel=reporter.cancelled)
+
+
+def _device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _fetch_inputs(job_id: str, work_dir: Path) -> dict[str, Any]:
+    store = get_store()
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        model = session.get(Model, job.model_id)
+        assert model is not None
+        paths = {"model_path": store.fetch(model.sha256, work_dir / _safe_name(model.filename, "model"))}
+        for role, ident in (("calibration_path", job.calibration_id), ("evaluation_path", job.evaluation_id)):
+            dataset = session.get(Dataset, ident) if ident else None
+            paths[role] = (
+                store.fetch(dataset.sha256, work_dir / f"{role}-{_safe_name(dataset.filename, 'data')}")
+                if dataset
+                else None
+            )
+        return {**paths, "method": job.method, "config": dict(job.config), "gate": job.gate}
+
+
+def _safe_name(filename: str, fallback: str) -> str:
+    name = Path(filename).name
+    return name if name and name not in (".", "..") else fallback
+
+
+def _persist_success(job_id: str, host: str, output: Any) -> None:
+    store = get_store()
+    report = json_safe(output.report)
+    with session_scope() as session:
+        job = session.get(Job, job_id)
+        assert job is not None
+        for kind, path in output.artifacts.items():
+            address, size = _put(store, Path(path))
+            crud.create_artifact(
+                session=session,
+                project_id=job.project_id,
+                job_id=job_id,
+                kind=kind,
+                filename=Path(path).name,
+                sha256=address,
+                size_bytes=size,
+            )
+        verdict = (report.get("gate") or {}).get("verdict") if job.gate else None
+        if not crud.finish_job(
+            session=session,
+            job_id=job_id,
+            worker_host=host,
+            status="succeeded",
+            stage="done",
+            progress=1.0,
+            report=report,
+            verdict=verdict,
+            message="done",
+        ):
+            session.rollback()  # reaped meanwhile: its artifacts must not attach to a job we no longer own
+
+
+def _put(store: Any, path: Path) -> tuple[str, int]:
+    if path.is_dir():
+        archive = Path(tempfile.mkdtemp()) / f"{path.name}.zip"
+        import shutil
+
+        shutil.make_archive(str(archive.with_suffix("")), "zip", path)
+        path = archive
+    return store.put_file(path)
+
+
+def _finish(job_id: str, host: str, status: str, **values: Any) -> None:
+    with session_scope() as session:
+        crud.finish_job(session=session, job_id=job_id, worker_host=host, status=status, **values)
+
+
+def _fail(job_id: str, host: str, exc: Exception) -> None:
+    code = getattr(exc, "code", None) or "internal_error"
+    message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
+    if code == "internal_error":
+        log.error("job %s failed:\n%s", job_id, traceback.format_exc())
+    _finish(job_id, host, "failed", error_code=code, error_message=str(message)[:4000], message="failed")
+
+
+def json_safe(value: Any) -> Any:
+    """Non-finite floats become None so the report stores in any JSON column (Postgres refuses NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
