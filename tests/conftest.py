@@ -85,18 +85,29 @@ def service_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cal
 
 
 @pytest.fixture
-def api(service_env: Callable[..., dict[str, str]]) -> Iterator[ApiClient]:
-    service_env()
-    yield from _api_client()
-
-
-def _api_client() -> Iterator[ApiClient]:
+def make_api() -> Iterator[Callable[[], ApiClient]]:
+    """Opens API clients (lifespan and janitor included) on the current env; closes them all after."""
     from fastapi.testclient import TestClient
 
     from app.main import create_app
 
-    with TestClient(create_app()) as client:
-        yield ApiClient(client)
+    clients: list[TestClient] = []
+
+    def open_client() -> ApiClient:
+        client = TestClient(create_app())
+        client.__enter__()
+        clients.append(client)
+        return ApiClient(client)
+
+    yield open_client
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture
+def api(service_env: Callable[..., dict[str, str]], make_api: Callable[[], ApiClient]) -> ApiClient:
+    service_env()
+    return make_api()
 
 
 class ApiClient:

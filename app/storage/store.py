@@ -180,8 +180,9 @@ class S3Store:
         return address, size
 
     def exists(self, address: str) -> bool:
+        key = self.key_of(address)
         try:
-            self.client.head_object(Bucket=self.bucket, Key=self.key_of(address))  # type: ignore[attr-defined]
+            self.client.head_object(Bucket=self.bucket, Key=key)  # type: ignore[attr-defined]
         except Exception:
             return False
         return True

@@ -69,11 +69,9 @@ def test_truncated_onnx_is_refused(api, tmp_path) -> None:  # type: ignore[no-un
     assert response.status_code == 422 and _error_code(response) == "invalid_model"
 
 
-def test_upload_over_the_limit_is_413(service_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
-    from tests.conftest import _api_client
-
+def test_upload_over_the_limit_is_413(service_env, make_api, tmp_path) -> None:  # type: ignore[no-untyped-def]
     service_env(MODELPRESS_MAX_UPLOAD_BYTES="1000")
-    api = next(_api_client())
+    api = make_api()
     big = tmp_path / "big.onnx"
     big.write_bytes(b"\0" * 5000)
     response = api.upload("/v1/models", big)
