@@ -138,7 +138,7 @@ def cmd_create_key(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from app.demo import run_demo
+    from app.client.demo import run_demo
 
     return run_demo(method=args.method, config_json=args.config, port=args.port)
 

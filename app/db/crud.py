@@ -42,6 +42,15 @@ def get_owned(*, session: Session, cls: type, project_id: str, ident: str) -> An
     return obj if obj is not None and obj.project_id == project_id else None
 
 
+def list_owned(
+    *, session: Session, cls: type, project_id: str, sha256: str | None = None, limit: int = 100
+) -> Any:
+    query = select(cls).where(cls.project_id == project_id)  # type: ignore[attr-defined]
+    if sha256:
+        query = query.where(cls.sha256 == sha256)  # type: ignore[attr-defined]
+    return session.scalars(query.order_by(cls.created_at.desc()).limit(limit)).all()  # type: ignore[attr-defined]
+
+
 def find_job_by_idempotency_key(*, session: Session, project_id: str, key: str) -> Job | None:
     return session.scalar(select(Job).where(Job.project_id == project_id, Job.idempotency_key == key))
 

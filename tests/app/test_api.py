@@ -228,3 +228,23 @@ def test_importing_app_does_not_import_torch() -> None:
 
     code = "import sys, app.main, app.cli; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_etag_and_long_poll(api, onnx_model) -> None:  # type: ignore[no-untyped-def]
+    import threading
+    import time
+
+    job = _job(api, onnx_model["id"]).json()
+    first = api.get(f"/v1/jobs/{job['id']}")
+    etag = first.headers["ETag"]
+    assert api.get(f"/v1/jobs/{job['id']}", headers={"If-None-Match": etag}).status_code == 304
+    started = time.monotonic()
+    unchanged = api.get(f"/v1/jobs/{job['id']}?wait=1", headers={"If-None-Match": etag})
+    assert unchanged.status_code == 304 and time.monotonic() - started >= 0.9
+    canceller = threading.Timer(0.5, lambda: api.post(f"/v1/jobs/{job['id']}/cancel"))
+    canceller.start()
+    started = time.monotonic()
+    changed = api.get(f"/v1/jobs/{job['id']}?wait=20", headers={"If-None-Match": etag})
+    canceller.join()
+    assert changed.status_code == 200 and changed.json()["status"] == "cancelled"
+    assert time.monotonic() - started < 10 and changed.headers["ETag"] != etag

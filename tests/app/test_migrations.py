@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
-from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 
+from alembic import command
 from app.cli import ROOT
 from app.db.models import Base
 from tests.conftest import create_postgres_database, drop_postgres_database

@@ -53,6 +53,12 @@ async def upload_model(
     return model
 
 
+@router.get("/models", response_model=list[ModelOut])
+def list_models(project: ProjectDep, session: SessionDep, sha256: str | None = None) -> Any:
+    """The project's models, newest first; `?sha256=` finds an upload the server already has."""
+    return crud.list_owned(session=session, cls=Model, project_id=project.id, sha256=sha256)
+
+
 @router.get("/models/{model_id}", response_model=ModelOut)
 def get_model(model_id: str, project: ProjectDep, session: SessionDep) -> Any:
     model = crud.get_model(session=session, project_id=project.id, model_id=model_id)
@@ -99,6 +105,11 @@ def _check_against_model(session: Any, project_id: str, model_id: str | None, ki
     problems = check_dataset_matches_model(model.info.get("inputs", []), model.format, model.info, kind, info)
     if problems:
         raise APIError(422, "dataset_mismatch", "; ".join(problems), {"problems": problems})
+
+
+@router.get("/datasets", response_model=list[DatasetOut])
+def list_datasets(project: ProjectDep, session: SessionDep, sha256: str | None = None) -> Any:
+    return crud.list_owned(session=session, cls=Dataset, project_id=project.id, sha256=sha256)
 
 
 @router.get("/datasets/{dataset_id}", response_model=DatasetOut)
