@@ -149,6 +149,11 @@ class DataFreeConfig(MethodConfigBase):
         0.008, ge=0, description="Weight of the folded-bias term in the quantization scale (paper: 0.008)."
     )
     ridge: float = Field(1e-4, ge=0, description="Ridge term for ill-conditioned fits, relative to mean diag(Gram).")
+    pruning_fit: Literal["weights", "bn_gaussian"] = Field(
+        "weights",
+        description="weights: the paper's Eq. 20 fit of BN-folded filters; bn_gaussian: least squares of the "
+        "post-ReLU channels under the BN Gaussian model, intercept into the consumer bias (not in the paper).",
+    )
     nonnegative: bool = Field(
         False, description="Constrain the pruning coefficients to be >= 0 (NNLS). Not in the paper."
     )

@@ -88,9 +88,8 @@ def _compress(args: argparse.Namespace) -> int:
         raise ClientError(f"model not found: {args.model}")
     client = Client(args.url, args.api_key)
     model = client.upload("models", args.model)
-    _log(
-        f"model {model['id']} ({model['format']}, {model['size_bytes']} bytes{', already on server' if model['reused'] else ''})"
-    )
+    reused = ", already on server" if model["reused"] else ""
+    _log(f"model {model['id']} ({model['format']}, {model['size_bytes']} bytes{reused})")
     body: dict[str, Any] = {"model_id": model["id"], "method": args.method, "config": config}
     for role in ("calibration", "evaluation"):
         path = getattr(args, role)
