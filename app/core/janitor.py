@@ -54,8 +54,10 @@ def resend_unclaimed_jobs() -> int:
 
 def run_janitor_once() -> dict[str, int]:
     """One pass: reap first (a requeued job has no `enqueued_at`), so it is re-sent in the same pass."""
+    from app.core.webhooks import deliver_due
+
     reaped = reap_stale_jobs()
-    return {**reaped, "resent": resend_unclaimed_jobs()}
+    return {**reaped, "resent": resend_unclaimed_jobs(), **deliver_due()}
 
 
 def start_janitor_thread(stop: threading.Event) -> threading.Thread:

@@ -150,6 +150,8 @@ def create_job(
     )
     session.add(job)
     try:
+        session.flush()
+        crud.enqueue_job_event(session=session, job_id=job.id)
         session.commit()
     except IntegrityError:
         session.rollback()

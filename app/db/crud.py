@@ -107,6 +107,8 @@ def claim_job(*, session: Session, job_id: str, worker_host: str) -> bool:
             progress=0.0,
         )
     )
+    if result.rowcount == 1:
+        enqueue_job_event(session=session, job_id=job_id)
     return result.rowcount == 1
 
 
@@ -126,17 +128,21 @@ def finish_job(*, session: Session, job_id: str, worker_host: str, status: str, 
         .where(Job.id == job_id, Job.status == "running", Job.worker_host == worker_host)
         .values(status=status, finished_at=utcnow(), heartbeat_at=utcnow(), **values)
     )
+    if result.rowcount == 1:
+        enqueue_job_event(session=session, job_id=job_id)
     return result.rowcount == 1
 
 
 def request_cancel(*, session: Session, job: Job) -> None:
     """A queued job is cancelled at once; a running one is flagged and its worker stops at the next check."""
     now = utcnow()
-    session.execute(
+    cancelled = session.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == "queued")
         .values(status="cancelled", cancel_requested=True, finished_at=now, stage="cancelled")
     )
+    if cancelled.rowcount == 1:
+        enqueue_job_event(session=session, job_id=job.id)
     session.execute(
         update(Job).where(Job.id == job.id, Job.status == "running").values(cancel_requested=True)
     )
@@ -166,6 +172,8 @@ def requeue_stale_job(*, session: Session, job: Job, before: datetime) -> bool:
             message=f"worker {job.worker_host} stopped heartbeating; retrying",
         )
     )
+    if result.rowcount == 1:
+        enqueue_job_event(session=session, job_id=job.id)
     return result.rowcount == 1
 
 
@@ -183,6 +191,8 @@ def fail_stale_job(*, session: Session, job: Job, before: datetime) -> bool:
             ),
         )
     )
+    if result.rowcount == 1:
+        enqueue_job_event(session=session, job_id=job.id)
     return result.rowcount == 1
 
 
@@ -228,3 +238,49 @@ def get_model(*, session: Session, project_id: str, model_id: str) -> Model | No
 
 def get_dataset(*, session: Session, project_id: str, dataset_id: str) -> Dataset | None:
     return get_owned(session=session, cls=Dataset, project_id=project_id, ident=dataset_id)
+
+
+def enqueue_job_event(*, session: Session, job_id: str) -> int:
+    """Outbox rows for every active webhook of the job's project that wants this status. Same transaction."""
+    from app.db.models import Webhook, WebhookDelivery
+
+    job = session.get(Job, job_id)
+    if job is None:
+        return 0
+    session.refresh(job)
+    event = f"job.{job.status}"
+    hooks = session.scalars(
+        select(Webhook).where(Webhook.project_id == job.project_id, Webhook.active.is_(True))
+    )
+    payload = {
+        "event": event,
+        "job": {
+            "id": job.id,
+            "status": job.status,
+            "stage": job.stage,
+            "method": job.method,
+            "model_id": job.model_id,
+            "verdict": job.verdict,
+            "error_code": job.error_code,
+            "attempts": job.attempts,
+        },
+        "occurred_at": utcnow().isoformat(),
+    }
+    count = 0
+    for hook in hooks:
+        if not hook.events or event in hook.events:
+            session.add(WebhookDelivery(webhook_id=hook.id, job_id=job.id, event=event, payload=payload))
+            count += 1
+    return count
+
+
+def touch_worker(
+    *, session: Session, name: str, queues: str, device: str, current_job_id: str | None
+) -> None:
+    from app.db.models import WorkerHeartbeat
+
+    row = session.get(WorkerHeartbeat, name)
+    if row is None:
+        session.add(WorkerHeartbeat(name=name, queues=queues, device=device, current_job_id=current_job_id))
+        return
+    row.last_seen_at, row.current_job_id, row.queues, row.device = utcnow(), current_job_id, queues, device

@@ -1,0 +1,94 @@
+"""Webhooks per project: register, list, delete, and read the delivery log."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from sqlalchemy import select
+
+from app.api.deps import ProjectDep, SessionDep
+from app.core.errors import not_found
+from app.db import crud
+from app.db.models import JOB_STATUSES, Webhook, WebhookDelivery
+
+router = APIRouter(tags=["webhooks"])
+EVENTS = tuple(f"job.{status}" for status in JOB_STATUSES)
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    url: HttpUrl
+    events: list[str] = Field(default_factory=list, description=f"subset of {list(EVENTS)}; empty = all")
+
+
+class WebhookOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    url: str
+    events: list[str]
+    active: bool
+    secret: str | None = None
+
+
+class DeliveryOut(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+    id: str
+    job_id: str
+    event: str
+    status: str
+    attempts: int
+    last_status_code: int | None
+    last_error: str | None
+    created_at: Any
+    delivered_at: Any
+
+
+@router.post("/webhooks", status_code=201, response_model=WebhookOut)
+def create_webhook(body: WebhookCreate, project: ProjectDep, session: SessionDep) -> Any:
+    """The signing secret is returned once, here."""
+    unknown = sorted(set(body.events) - set(EVENTS))
+    if unknown:
+        from app.core.errors import APIError
+
+        raise APIError(422, "invalid_events", f"unknown events {unknown}", {"known": list(EVENTS)})
+    hook = Webhook(project_id=project.id, url=str(body.url), events=body.events, secret=secrets.token_hex(32))
+    session.add(hook)
+    session.commit()
+    return WebhookOut.model_validate(hook)
+
+
+@router.get("/webhooks", response_model=list[WebhookOut])
+def list_webhooks(project: ProjectDep, session: SessionDep) -> Any:
+    hooks = crud.list_owned(session=session, cls=Webhook, project_id=project.id)
+    return [WebhookOut.model_validate(h).model_copy(update={"secret": None}) for h in hooks]
+
+
+@router.delete("/webhooks/{webhook_id}", status_code=204)
+def delete_webhook(webhook_id: str, project: ProjectDep, session: SessionDep) -> None:
+    hook = crud.get_owned(session=session, cls=Webhook, project_id=project.id, ident=webhook_id)
+    if hook is None:
+        raise not_found("webhook", webhook_id)
+    session.delete(hook)
+    session.commit()
+
+
+@router.get("/webhooks/{webhook_id}/deliveries", response_model=list[DeliveryOut])
+def list_deliveries(
+    webhook_id: str,
+    project: ProjectDep,
+    session: SessionDep,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+) -> Any:
+    hook = crud.get_owned(session=session, cls=Webhook, project_id=project.id, ident=webhook_id)
+    if hook is None:
+        raise not_found("webhook", webhook_id)
+    query = (
+        select(WebhookDelivery)
+        .where(WebhookDelivery.webhook_id == hook.id)
+        .order_by(WebhookDelivery.created_at.desc())
+        .limit(limit)
+    )
+    return session.scalars(query).all()
