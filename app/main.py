@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
-from app.api.routes import health, jobs, methods, uploads, webhooks
+from app.api.routes import dashboard, health, jobs, methods, uploads, webhooks
 from app.core.errors import install_error_handlers
 from app.core.janitor import start_janitor_thread
 from app.core.settings import get_settings
@@ -32,10 +32,11 @@ def create_app() -> FastAPI:
     )
     install_error_handlers(app)
     v1 = APIRouter(prefix="/v1")
-    for module in (uploads, jobs, methods, webhooks):
+    for module in (uploads, jobs, methods, webhooks, dashboard):
         v1.include_router(module.router)
     app.include_router(v1)
     app.include_router(health.router)
+    app.include_router(dashboard.page_router)
     return app
 
 

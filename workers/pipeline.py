@@ -15,6 +15,7 @@ from app.db import crud
 from app.db.models import Dataset, Job, Model
 from app.db.session import session_scope
 from app.storage.store import get_store
+from workers import state
 from workers.reporter import JobCancelled, JobReporter, LostOwnership
 
 log = logging.getLogger(__name__)
@@ -43,6 +44,8 @@ def execute_job(job_id: str) -> None:
             log.warning("job %s was reaped from this worker; dropping its result", job_id)
         except Exception as exc:  # every failure ends the job with a reason
             _fail(job_id, host, exc)
+        finally:
+            state.current_job_id = None
 
 
 def _run(job_id: str, work_dir: Path, reporter: JobReporter) -> Any:

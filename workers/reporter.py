@@ -65,6 +65,7 @@ class JobReporter:
                 stage=stage,
                 progress=round(min(max(fraction, 0.0), 1.0), 4),
                 message=message[:500],
+                log=new_stage,
             )
         if not owned:
             raise LostOwnership(self.job_id)

@@ -25,7 +25,7 @@ class JobCollector:
             session.close()
         yield _jobs_by_status(counts)
         yield _duration_histogram(durations)
-        depths = _safe_queue_depths()
+        depths = safe_queue_depths()
         if depths is not None:
             gauge = GaugeMetricFamily(
                 "modelpress_queue_depth", "Messages waiting in the broker", labels=["queue"]
@@ -50,7 +50,7 @@ def _duration_histogram(durations: list[float]) -> HistogramMetricFamily:
     return histogram
 
 
-def _safe_queue_depths() -> dict[str, int] | None:
+def safe_queue_depths() -> dict[str, int] | None:
     try:
         return queue_depths()
     except Exception:

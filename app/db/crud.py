@@ -112,13 +112,20 @@ def claim_job(*, session: Session, job_id: str, worker_host: str) -> bool:
     return result.rowcount == 1
 
 
-def update_running_job(*, session: Session, job_id: str, worker_host: str, **values: Any) -> bool:
+def update_running_job(
+    *, session: Session, job_id: str, worker_host: str, log: bool = False, **values: Any
+) -> bool:
     """Progress/heartbeat write that only lands while this worker still owns the running job."""
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == "running", Job.worker_host == worker_host)
         .values(heartbeat_at=utcnow(), **values)
     )
+    if result.rowcount == 1 and log:
+        job = session.get(Job, job_id)
+        if job is not None:
+            session.refresh(job)
+            log_job_event(session=session, job=job)
     return result.rowcount == 1
 
 
@@ -248,6 +255,7 @@ def enqueue_job_event(*, session: Session, job_id: str) -> int:
     if job is None:
         return 0
     session.refresh(job)
+    log_job_event(session=session, job=job)
     event = f"job.{job.status}"
     hooks = session.scalars(
         select(Webhook).where(Webhook.project_id == job.project_id, Webhook.active.is_(True))
@@ -284,3 +292,15 @@ def touch_worker(
         session.add(WorkerHeartbeat(name=name, queues=queues, device=device, current_job_id=current_job_id))
         return
     row.last_seen_at, row.current_job_id, row.queues, row.device = utcnow(), current_job_id, queues, device
+
+
+def log_job_event(*, session: Session, job: Job, message: str | None = None) -> None:
+    from app.db.models import JobEvent
+
+    session.add(JobEvent(job_id=job.id, status=job.status, stage=job.stage, message=message or job.message))
+
+
+def job_events(*, session: Session, job_id: str) -> Sequence[Any]:
+    from app.db.models import JobEvent
+
+    return session.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id)).all()

@@ -155,3 +155,15 @@ class WorkerHeartbeat(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow)
     current_job_id: Mapped[str | None] = mapped_column(String(32), default=None)
+
+
+class JobEvent(Base):
+    """The job's log: every status and stage change with its message, in order."""
+
+    __tablename__ = "job_events"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    status: Mapped[str] = mapped_column(String(16))
+    stage: Mapped[str | None] = mapped_column(String(32), default=None)
+    message: Mapped[str | None] = mapped_column(String(500), default=None)

@@ -248,3 +248,15 @@ def test_etag_and_long_poll(api, onnx_model) -> None:  # type: ignore[no-untyped
     canceller.join()
     assert changed.status_code == 200 and changed.json()["status"] == "cancelled"
     assert time.monotonic() - started < 10 and changed.headers["ETag"] != etag
+
+
+def test_dashboard_summary_and_job_events(api, onnx_model) -> None:  # type: ignore[no-untyped-def]
+    job = _job(api, onnx_model["id"]).json()
+    api.post(f"/v1/jobs/{job['id']}/cancel")
+    summary = api.get("/v1/dashboard/summary").json()
+    assert summary["counts"] == {"cancelled": 1} and summary["queues"]["gpu"] == 1
+    assert len(summary["throughput"]) == 24 and summary["workers"] == []
+    events = api.get(f"/v1/jobs/{job['id']}/events").json()
+    assert [e["status"] for e in events] == ["queued", "cancelled"]
+    page = api.client.get("/dashboard")
+    assert page.status_code == 200 and 'data-testid="jobs"' in page.text
