@@ -20,6 +20,7 @@ SAFE_FORMATS = (
     "ONNX (.onnx, or a zip with external data), torch.export (.pt2), "
     "a Hugging Face directory (zip/tar with config.json and *.safetensors)"
 )
+ONNX_MAGIC = b"\x08"  # a serialized ModelProto starts with field 1 (ir_version, varint)
 _PT2_DTYPES = {
     1: "uint8",
     2: "int8",
@@ -68,6 +69,8 @@ def inspect_model_file(path: Path) -> Inspection:
         return _inspect_zip(path)
     if _is_tar(path):
         return _inspect_tar(path)
+    if not head.startswith(ONNX_MAGIC):
+        raise InspectError("invalid_model", f"not a model file. Upload one of: {SAFE_FORMATS}.")
     return _inspect_onnx_bytes(path.read_bytes(), external={})
 
 
