@@ -4,8 +4,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-if [ ! -d /usr/share/datasets/fashion-mnist ]; then
-  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null
+# Debian packages: the Fashion-MNIST data set, and Chromium for the dashboard's browser test
+# (Playwright drives Debian's Chromium; its own browser download cannot work offline).
+if [ ! -d /usr/share/datasets/fashion-mnist ] || [ ! -x /usr/bin/chromium ]; then
+  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist chromium) >/dev/null
 fi
 
 if [ ! -x .venv/bin/python ]; then

@@ -162,6 +162,4 @@ def _checked(response: httpx.Response) -> httpx.Response:
     except Exception:
         error = {"code": "http_error", "message": response.text[:500]}
     cls = ServerUnreachable if response.status_code >= 500 else ClientError
-    raise cls(
-        f"{error.get('code')}: {error.get('message')}", code=error.get("code"), status=response.status_code
-    )
+    raise cls(f"{error.get('code')}: {error.get('message')}", code=error.get("code"), status=response.status_code)

@@ -143,9 +143,7 @@ def _progress_printer(plain: bool) -> Any:
             if job["status"] in ("succeeded", "failed", "cancelled"):
                 bar.close()
         elif line != state["last"]:
-            _log(
-                f"{job['status']} stage={job.get('stage')} progress={line[2]:.0%} {job.get('message') or ''}"
-            )
+            _log(f"{job['status']} stage={job.get('stage')} progress={line[2]:.0%} {job.get('message') or ''}")
         state["last"] = line
 
     return update
@@ -182,9 +180,7 @@ def summary_table(report: dict[str, Any], job: dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def write_junit(
-    path: Path, job: dict[str, Any], checks: list[dict[str, Any]], failure: str | None = None
-) -> None:
+def write_junit(path: Path, job: dict[str, Any], checks: list[dict[str, Any]], failure: str | None = None) -> None:
     """One testcase per gate check (or one for the job itself when it did not succeed)."""
     suite = ET.Element("testsuite", name=f"modelpress.{job['method']}", tests=str(max(len(checks), 1)))
     failures = 0

@@ -133,9 +133,7 @@ def _inspect_tar(path: Path) -> Inspection:
                 if member.issym() or member.islnk():
                     raise InspectError("unsafe_archive", f"archive member {member.name!r} is a link")
                 if not (member.isfile() or member.isdir()):
-                    raise InspectError(
-                        "unsafe_archive", f"archive member {member.name!r} is not a regular file"
-                    )
+                    raise InspectError("unsafe_archive", f"archive member {member.name!r} is not a regular file")
             names = [m.name for m in members if m.isfile()]
             return _inspect_archive(names, lambda n: archive.extractfile(n).read(), "tar")  # type: ignore[union-attr]
     except tarfile.TarError as exc:
@@ -144,9 +142,7 @@ def _inspect_tar(path: Path) -> Inspection:
 
 def _inspect_archive(names: list[str], read: Any, container: str) -> Inspection:
     base = {PurePosixPath(n).name: n for n in names}
-    if any(n.endswith("archive_format") for n in names) and any(
-        n.endswith("models/model.json") for n in names
-    ):
+    if any(n.endswith("archive_format") for n in names) and any(n.endswith("models/model.json") for n in names):
         return _inspect_pt2(names, read)
     if any(n.endswith(("data.pkl", ".pkl", ".pickle")) for n in names):
         raise _pickle_refused("the archive is a torch.save checkpoint (pickle)")
@@ -234,9 +230,7 @@ def _pt2_inputs(graph: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         meta = values.get(tensor["name"], {})
         shape = [s.get("as_int") for s in meta.get("sizes", [])]
-        inputs.append(
-            {"name": tensor["name"], "shape": shape, "dtype": _PT2_DTYPES.get(meta.get("dtype"), "unknown")}
-        )
+        inputs.append({"name": tensor["name"], "shape": shape, "dtype": _PT2_DTYPES.get(meta.get("dtype"), "unknown")})
     return inputs
 
 
@@ -250,9 +244,7 @@ def _inspect_hf(names: list[str], read: Any, container: str) -> Inspection:
             raise _pickle_refused("the Hugging Face directory has only pickled weights (.bin/.pt)")
         raise InspectError("invalid_model", "the Hugging Face directory has no *.safetensors weights")
     params = sum(_safetensors_numel(read(n)) for n in weights)
-    tokenizer = any(
-        PurePosixPath(n).name in {"tokenizer.json", "tokenizer.model", "vocab.txt"} for n in names
-    )
+    tokenizer = any(PurePosixPath(n).name in {"tokenizer.json", "tokenizer.model", "vocab.txt"} for n in names)
     info = {
         "container": container,
         "architectures": config.get("architectures"),
@@ -337,9 +329,7 @@ def check_dataset_matches_model(
     if kind == "text":
         if model_format == "hf_dir" and model_info.get("has_tokenizer"):
             return []
-        return [
-            "text data needs a model with a tokenizer (a Hugging Face directory); upload .npz arrays instead"
-        ]
+        return ["text data needs a model with a tokenizer (a Hugging Face directory); upload .npz arrays instead"]
     arrays = {k: v for k, v in info["arrays"].items() if k != "labels"}
     problems = []
     expected = {spec["name"]: spec for spec in model_inputs}

@@ -24,9 +24,7 @@ log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("original", "compressed", "fidelity", "speedup", "size_ratio", "metric_name")
 # Methods whose input graph must be a torch module we can trace; ONNX/pt2/HF are all converted.
-METHOD_FORMATS: dict[str, tuple[str, ...]] = {
-    key: ("onnx", "torch_export", "hf_dir") for key in CONFIG_CLASSES
-}
+METHOD_FORMATS: dict[str, tuple[str, ...]] = {key: ("onnx", "torch_export", "hf_dir") for key in CONFIG_CLASSES}
 
 
 def validate_config(method: str, config: dict[str, Any]) -> MethodConfigBase:
@@ -49,11 +47,7 @@ def resolve_inputs(
         raise not_found("model", body.model_id)
     datasets = []
     for ident in (body.calibration_id, body.evaluation_id):
-        dataset = (
-            None
-            if ident is None
-            else crud.get_dataset(session=session, project_id=project.id, dataset_id=ident)
-        )
+        dataset = None if ident is None else crud.get_dataset(session=session, project_id=project.id, dataset_id=ident)
         if ident is not None and dataset is None:
             raise not_found("dataset", ident)
         datasets.append(dataset)
@@ -105,9 +99,7 @@ def estimate(model: Model, config: MethodConfigBase) -> dict[str, Any]:
     """Rough worker cost: weights in fp32 a few times over, plus a per-parameter time."""
     params = model.param_count or model.size_bytes // 4
     copies = 3.0 if config.method.startswith("quant") or config.method == "mixed_precision" else 2.5
-    seconds_per_mparam = {"quant_decoupleq": 4.0, "quant_gptq": 1.0, "mixed_precision": 6.0}.get(
-        config.method, 0.5
-    )
+    seconds_per_mparam = {"quant_decoupleq": 4.0, "quant_gptq": 1.0, "mixed_precision": 6.0}.get(config.method, 0.5)
     return {
         "peak_memory_bytes": int(params * 4 * copies + 512 * 1024**2),
         "seconds": round(10 + params / 1e6 * seconds_per_mparam, 1),
@@ -130,9 +122,7 @@ def create_job(
     """Commit the job row (or find the idempotent twin); returns (job, created)."""
     digest = request_hash(body)
     if idempotency_key:
-        existing = crud.find_job_by_idempotency_key(
-            session=session, project_id=project.id, key=idempotency_key
-        )
+        existing = crud.find_job_by_idempotency_key(session=session, project_id=project.id, key=idempotency_key)
         if existing is not None:
             return _same_request(existing, digest), False
     job = Job(
@@ -155,9 +145,7 @@ def create_job(
         session.commit()
     except IntegrityError:
         session.rollback()
-        existing = crud.find_job_by_idempotency_key(
-            session=session, project_id=project.id, key=idempotency_key or ""
-        )
+        existing = crud.find_job_by_idempotency_key(session=session, project_id=project.id, key=idempotency_key or "")
         if existing is None:
             raise
         return _same_request(existing, digest), False

@@ -27,9 +27,7 @@ class JobCollector:
         yield _duration_histogram(durations)
         depths = safe_queue_depths()
         if depths is not None:
-            gauge = GaugeMetricFamily(
-                "modelpress_queue_depth", "Messages waiting in the broker", labels=["queue"]
-            )
+            gauge = GaugeMetricFamily("modelpress_queue_depth", "Messages waiting in the broker", labels=["queue"])
             for queue, depth in depths.items():
                 gauge.add_metric([queue], depth)
             yield gauge

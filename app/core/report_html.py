@@ -13,9 +13,16 @@ from app.db.models import Job
 TEMPLATES = Path(__file__).resolve().parent.parent / "templates"
 
 
+def num(value: Any) -> Any:
+    """Floats to 4 significant digits for people; everything else unchanged."""
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
 @lru_cache
 def _env() -> Environment:
-    return Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(["html", "j2"]))
+    env.filters["num"] = num
+    return env
 
 
 def bar_pairs(report: dict[str, Any]) -> list[dict[str, Any]]:

@@ -23,9 +23,7 @@ class Settings(BaseSettings):
     default_queue: str = Field("gpu", description="Queue the compression jobs are sent to.")
 
     heartbeat_interval_s: float = Field(5.0, gt=0)
-    stale_after_s: float = Field(
-        60.0, gt=0, description="A running job without heartbeat this long is reaped."
-    )
+    stale_after_s: float = Field(60.0, gt=0, description="A running job without heartbeat this long is reaped.")
     requeue_after_s: float = Field(120.0, gt=0, description="A queued job unclaimed this long is re-sent.")
     max_attempts: int = Field(2, ge=1, description="Runs a job gets before a lost worker fails it.")
     janitor_interval_s: float = Field(10.0, gt=0)

@@ -30,9 +30,7 @@ def create_api_key(*, session: Session, project: Project) -> str:
 
 
 def project_for_key(*, session: Session, key: str) -> Project | None:
-    row = session.scalar(
-        select(ApiKey).where(ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None))
-    )
+    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None)))
     return None if row is None else session.get(Project, row.project_id)
 
 
@@ -42,9 +40,7 @@ def get_owned(*, session: Session, cls: type, project_id: str, ident: str) -> An
     return obj if obj is not None and obj.project_id == project_id else None
 
 
-def list_owned(
-    *, session: Session, cls: type, project_id: str, sha256: str | None = None, limit: int = 100
-) -> Any:
+def list_owned(*, session: Session, cls: type, project_id: str, sha256: str | None = None, limit: int = 100) -> Any:
     query = select(cls).where(cls.project_id == project_id)  # type: ignore[attr-defined]
     if sha256:
         query = query.where(cls.sha256 == sha256)  # type: ignore[attr-defined]
@@ -73,9 +69,7 @@ def list_jobs(
     if model_id:
         query = query.where(Job.model_id == model_id)
     total = session.scalar(select(func.count()).select_from(query.subquery())) or 0
-    rows = session.scalars(
-        query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)
-    ).all()
+    rows = session.scalars(query.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit).offset(offset)).all()
     return rows, total
 
 
@@ -112,9 +106,7 @@ def claim_job(*, session: Session, job_id: str, worker_host: str) -> bool:
     return result.rowcount == 1
 
 
-def update_running_job(
-    *, session: Session, job_id: str, worker_host: str, log: bool = False, **values: Any
-) -> bool:
+def update_running_job(*, session: Session, job_id: str, worker_host: str, log: bool = False, **values: Any) -> bool:
     """Progress/heartbeat write that only lands while this worker still owns the running job."""
     result = session.execute(
         update(Job)
@@ -150,9 +142,7 @@ def request_cancel(*, session: Session, job: Job) -> None:
     )
     if cancelled.rowcount == 1:
         enqueue_job_event(session=session, job_id=job.id)
-    session.execute(
-        update(Job).where(Job.id == job.id, Job.status == "running").values(cancel_requested=True)
-    )
+    session.execute(update(Job).where(Job.id == job.id, Job.status == "running").values(cancel_requested=True))
     session.refresh(job)
 
 
@@ -210,9 +200,7 @@ def count_jobs_by_status(*, session: Session) -> dict[str, int]:
 
 def finished_job_durations(*, session: Session) -> list[float]:
     rows = session.execute(
-        select(Job.started_at, Job.finished_at).where(
-            Job.finished_at.is_not(None), Job.started_at.is_not(None)
-        )
+        select(Job.started_at, Job.finished_at).where(Job.finished_at.is_not(None), Job.started_at.is_not(None))
     ).all()
     return [max(0.0, (_aware(end) - _aware(start)).total_seconds()) for start, end in rows]
 
@@ -257,9 +245,7 @@ def enqueue_job_event(*, session: Session, job_id: str) -> int:
     session.refresh(job)
     log_job_event(session=session, job=job)
     event = f"job.{job.status}"
-    hooks = session.scalars(
-        select(Webhook).where(Webhook.project_id == job.project_id, Webhook.active.is_(True))
-    )
+    hooks = session.scalars(select(Webhook).where(Webhook.project_id == job.project_id, Webhook.active.is_(True)))
     payload = {
         "event": event,
         "job": {
@@ -282,9 +268,7 @@ def enqueue_job_event(*, session: Session, job_id: str) -> int:
     return count
 
 
-def touch_worker(
-    *, session: Session, name: str, queues: str, device: str, current_job_id: str | None
-) -> None:
+def touch_worker(*, session: Session, name: str, queues: str, device: str, current_job_id: str | None) -> None:
     from app.db.models import WorkerHeartbeat
 
     row = session.get(WorkerHeartbeat, name)

@@ -41,9 +41,7 @@ def dashboard_summary(project: ProjectDep, session: SessionDep) -> dict[str, Any
         "queues": safe_queue_depths(),
         "workers": [_worker(w, now) for w in session.scalars(select(WorkerHeartbeat)).all()],
         "failures": [
-            _failure(j)
-            for j in sorted(jobs, key=lambda j: j.created_at, reverse=True)
-            if j.status == "failed"
+            _failure(j) for j in sorted(jobs, key=lambda j: j.created_at, reverse=True) if j.status == "failed"
         ][:20],
         "throughput": _throughput(finished, now),
         "durations": [

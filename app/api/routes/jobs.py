@@ -41,9 +41,7 @@ def create_job(
 ) -> Any:
     config = jobflow.validate_config(body.method, body.config)
     model, calibration, evaluation = jobflow.resolve_inputs(session=session, project=project, body=body)
-    checks = jobflow.preflight_checks(
-        model=model, config=config, calibration=calibration, evaluation=evaluation
-    )
+    checks = jobflow.preflight_checks(model=model, config=config, calibration=calibration, evaluation=evaluation)
     if dry_run:
         response.status_code = 200
         ok = all(c["ok"] for c in checks)
@@ -101,9 +99,7 @@ def etag_of(job: JobOut) -> str:
 async def get_job(
     job_id: str,
     project: ProjectDep,
-    wait: Annotated[
-        float, Query(ge=0, le=60, description="long-poll: return as soon as the job changes")
-    ] = 0,
+    wait: Annotated[float, Query(ge=0, le=60, description="long-poll: return as soon as the job changes")] = 0,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Any:
     """With `If-None-Match`, an unchanged job answers 304; with `?wait=S`, the call returns when the job
@@ -158,6 +154,4 @@ def download_artifact(artifact_id: str, project: ProjectDep, session: SessionDep
         "ETag": f'"{artifact.sha256}"',
         "X-Content-SHA256": artifact.sha256.removeprefix("sha256:"),
     }
-    return StreamingResponse(
-        store.iter_bytes(artifact.sha256), media_type="application/octet-stream", headers=headers
-    )
+    return StreamingResponse(store.iter_bytes(artifact.sha256), media_type="application/octet-stream", headers=headers)
