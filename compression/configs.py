@@ -91,7 +91,9 @@ class PruneTarget(_Inert):
 
 
 class PruneStructuredConfig(MethodConfigBase):
-    summary: ClassVar[str] = "Structured pruning of channels, filters, heads and FFN neurons into a smaller dense model."
+    summary: ClassVar[str] = (
+        "Structured pruning of channels, filters, heads and FFN neurons into a smaller dense model."
+    )
     method: Literal["prune_structured"] = "prune_structured"
     target: PruneTarget = Field(default_factory=PruneTarget)
     importance: Literal["l1", "l2", "bn_scale", "taylor", "activation"] = "l1"
@@ -100,6 +102,12 @@ class PruneStructuredConfig(MethodConfigBase):
     round_to: int = Field(8, ge=1, le=128, description="Round kept channel counts to a multiple of this.")
     distillation_steps: int = Field(200, ge=1, le=100_000)
     max_layer_ratio: float = Field(0.8, gt=0, lt=1, description="Never remove more than this fraction of a layer.")
+    iterative_steps: int = Field(
+        4, ge=1, le=50, description="Prune in this many steps towards the target, re-scoring units after each."
+    )
+    distillation_lr: float | None = Field(
+        None, gt=0, le=1, description="AdamW learning rate for distillation; null: 1e-3 with BatchNorm, else 5e-5."
+    )
 
 
 class PruneUnstructuredConfig(MethodConfigBase):
@@ -120,7 +128,33 @@ class MixedPrecisionConfig(MethodConfigBase):
     symmetric: bool = False
     budgets: list[float] | None = Field(None, description="Several budgets for a Pareto sweep.")
     budget_kind: Literal["bits", "bitops", "latency"] = "bits"
-    metric_weights: dict[str, float] = Field(default_factory=lambda: {"sqnr": 1.0, "kl": 1.0, "task": 1.0})
+    metric_weights: dict[str, float] = Field(
+        default_factory=lambda: {"sqnr": 1.0, "kl": 1.0, "task": 1.0},
+        description="Weights of the normalized per-layer damages: sqnr (output noise power), kl, task (metric drop).",
+    )
+    task_metric: Literal["auto", "accuracy", "top1_agreement", "cosine"] = Field(
+        "auto",
+        description="Task metric for sensitivity and the predicted drop; auto: accuracy with labels, else top-1 "
+        "agreement with the float model (use cosine for encoders that output embeddings).",
+    )
+    sensitivity_samples: int = Field(
+        128, ge=1, le=100_000, description="Calibration samples the one-layer-at-a-time sensitivity pass runs on."
+    )
+    max_predicted_drop: float | None = Field(
+        None, ge=0, description="Also cap the predicted task-metric drop (sum of per-layer measured drops)."
+    )
+    auto_ties: list[Literal["shared_input", "residual_add"]] = Field(
+        default_factory=lambda: ["shared_input"],
+        description="Layers that must share a width: shared_input = read the same tensor (q/k/v, gate/up, "
+        "conv + 1x1 shortcut); residual_add = convs/linears feeding one residual add (needs torch.fx).",
+    )
+    tie_groups: list[list[str]] = Field(
+        default_factory=list, description="Extra groups of layer names (or fnmatch patterns) sharing one width."
+    )
+    activation_bits: int = Field(8, ge=2, le=16, description="Activation width in the BitOps count (MACs·b_w·b_a).")
+    latency_table: dict[str, dict[int, float]] | None = Field(
+        None, description="Per layer name, bits -> measured latency (any unit); needed for budget_kind='latency'."
+    )
 
     @model_validator(mode="after")
     def _candidates_cover_budget(self) -> MixedPrecisionConfig:
@@ -129,12 +163,19 @@ class MixedPrecisionConfig(MethodConfigBase):
         for budget in [self.budget_bits, *(self.budgets or [])]:
             if budget < min(self.candidates):
                 raise ValueError(f"budget {budget} is below the smallest candidate {min(self.candidates)}")
+        unknown = set(self.metric_weights) - {"sqnr", "kl", "task"}
+        if unknown or any(w < 0 for w in self.metric_weights.values()) or not any(self.metric_weights.values()):
+            raise ValueError("metric_weights: keys among sqnr, kl, task; weights >= 0, at least one > 0")
+        if self.budget_kind == "latency" and not self.latency_table:
+            raise ValueError("budget_kind 'latency' needs latency_table")
         return self
 
 
 class DataFreeConfig(MethodConfigBase):
     needs_calibration: ClassVar[bool] = False
-    summary: ClassVar[str] = "UDFC: data-free pruning and quantization with closed-form compensation in the next layer."
+    summary: ClassVar[str] = (
+        "UDFC: data-free pruning and quantization with closed-form compensation in the next layer."
+    )
     method: Literal["data_free"] = "data_free"
     prune_ratio: float = Field(0.3, ge=0, lt=1)
     bits: Literal[2, 3, 4, 5, 6, 8] | None = 6
@@ -144,23 +185,22 @@ class DataFreeConfig(MethodConfigBase):
         description="udfc: each pruned channel rebuilt from all kept channels (paper Eq. 20); "
         "none: plain pruning; one_to_one: Neuron-Merging-style single most similar partner.",
     )
-    alpha1: float = Field(0.01, ge=0, description="Weight of the folded-bias term in the pruning fit (paper: 0.01).")
+    alpha1: float = Field(
+        0.01, ge=0, description="Weight of the folded-bias term in the pruning fit (paper: 0.01)."
+    )
     alpha2: float = Field(
         0.008, ge=0, description="Weight of the folded-bias term in the quantization scale (paper: 0.008)."
     )
-    ridge: float = Field(1e-4, ge=0, description="Ridge term for ill-conditioned fits, relative to mean diag(Gram).")
-    pruning_fit: Literal["weights", "bn_gaussian"] = Field(
-        "weights",
-        description="weights: the paper's Eq. 20 fit of BN-folded filters; bn_gaussian: least squares of the "
-        "post-ReLU channels under the BN Gaussian model, intercept into the consumer bias (not in the paper).",
+    ridge: float = Field(
+        1e-4, ge=0, description="Ridge term for ill-conditioned fits, relative to mean diag(Gram)."
     )
     nonnegative: bool = Field(
         False, description="Constrain the pruning coefficients to be >= 0 (NNLS). Not in the paper."
     )
-    bias_correction: bool = Field(
-        False,
-        description="Absorb each pruned channel's expected residual (BN statistics, Gaussian ReLU mean) into the "
-        "consumer bias. Not in the paper.",
+    bias_correction: bool | None = Field(
+        None,
+        description="Absorb each pruned channel's expected residual (BN statistics, Gaussian ReLU mean) "
+        "into the consumer bias. Not in the paper. Unset: on for udfc, off for none/one_to_one.",
     )
     layer_ratios: dict[str, float] = Field(
         default_factory=dict, description="Per-layer prune ratios by producer name or fnmatch pattern."

@@ -50,7 +50,7 @@ class QuantizedLayer:
     orig_shape: tuple[int, ...]
 
     def dequantize(self) -> torch.Tensor:
-        out, cols = self.codes.shape
+        cols = self.codes.shape[1]
         group = self.group_size or cols
         reps = torch.full((self.scales.shape[1],), group, dtype=torch.long)
         reps[-1] = cols - group * (self.scales.shape[1] - 1)

@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-POSTGRES_ADMIN_URL = os.environ.get(
-    "MODELPRESS_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-)
+POSTGRES_ADMIN_URL = os.environ.get("MODELPRESS_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("MODELPRESS_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
@@ -139,3 +137,44 @@ class ApiClient:
     def upload(self, url: str, path: Path, key: str | None = None, **fields: str):  # type: ignore[no-untyped-def]
         with open(path, "rb") as fh:
             return self.post(url, key, files={"file": (path.name, fh)}, data=fields)
+
+
+@pytest.fixture
+def live_server(service_env, make_api, tmp_path):  # type: ignore[no-untyped-def]
+    """A real `modelpress serve` process on the test's environment; returns (url, ApiClient)."""
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    from app.cli import ROOT
+
+    servers: list[tuple[subprocess.Popen[bytes], object]] = []
+
+    def start(workers: int = 1, **env: str) -> tuple[str, ApiClient]:
+        service_env(MODELPRESS_FAULT_STAGE_DELAY_S="0.5", **env)
+        port = 18000 + (os.getpid() + len(servers)) % 1000
+        log = open(tmp_path / "serve.log", "ab")  # noqa: SIM115
+        server = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", str(workers)],
+            cwd=ROOT,
+            env=os.environ.copy(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        servers.append((server, log))
+        url = f"http://127.0.0.1:{port}"
+        for _ in range(300):
+            try:
+                if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                time.sleep(0.1)
+        return url, make_api()
+
+    yield start
+    for server, log in servers:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()  # type: ignore[attr-defined]

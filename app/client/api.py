@@ -70,7 +70,8 @@ class Client:
         api_key = api_key or os.environ.get("MODELPRESS_API_KEY")
         if not api_key:
             raise ClientError("no API key: set MODELPRESS_API_KEY or pass --api-key")
-        self.retries, self.backoff_s = retries, backoff_s
+        self.retries = int(os.environ.get("MODELPRESS_CLIENT_RETRIES", "5")) if retries is None else retries
+        self.backoff_s = backoff_s
         self.http = httpx.Client(
             base_url=url.rstrip("/"),
             timeout=timeout_s,

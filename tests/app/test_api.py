@@ -93,8 +93,7 @@ def test_dataset_validated_against_model_inputs(api, onnx_model, tmp_path) -> No
     assert "shape [4, 9]" in message
     wrong_dtype = files.npz(tmp_path / "dtype.npz", input=np.zeros((4, 8), np.float64))
     assert (
-        "dtype float64"
-        in api.upload("/v1/datasets", wrong_dtype, model_id=onnx_model["id"]).json()["error"]["message"]
+        "dtype float64" in api.upload("/v1/datasets", wrong_dtype, model_id=onnx_model["id"]).json()["error"]["message"]
     )
 
 
@@ -139,9 +138,7 @@ def test_idempotency_key_returns_the_same_job(api, onnx_model) -> None:  # type:
     assert first.status_code == again.status_code == 202
     assert first.json()["id"] == again.json()["id"] and again.headers["Idempotent-Replayed"] == "true"
     assert api.get("/v1/jobs").json()["total"] == 1
-    conflict = api.post(
-        "/v1/jobs", json={**body, "config": {"bits": 8}}, headers={"Idempotency-Key": "build-42"}
-    )
+    conflict = api.post("/v1/jobs", json={**body, "config": {"bits": 8}}, headers={"Idempotency-Key": "build-42"})
     assert conflict.status_code == 409 and _error_code(conflict) == "idempotency_conflict"
 
 
@@ -198,10 +195,7 @@ def test_methods_list_schemas(api) -> None:  # type: ignore[no-untyped-def]
         "mixed_precision",
         "data_free",
     } <= set(methods)
-    assert (
-        methods["quant_rtn"]["needs_calibration"] is False
-        and methods["quant_gptq"]["needs_calibration"] is True
-    )
+    assert methods["quant_rtn"]["needs_calibration"] is False and methods["quant_gptq"]["needs_calibration"] is True
     assert methods["quant_decoupleq"]["config_schema"]["properties"]["bits"]["enum"] == [2, 3, 4]
 
 

@@ -1,0 +1,155 @@
+"""Output fidelity of a compressed model against the original, on the same batches.
+
+`compare_outputs` reports top-1 agreement, KL(original || compressed) over the last axis, SQNR of
+the outputs, and the task metric of both models: accuracy with labels (classifiers), perplexity
+(causal LMs, labels = input ids), mean cosine of the outputs (encoders: cosine to the original).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from compression.types import Batches
+
+
+def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
+    """10·log10(‖reference‖² / ‖reference − approximation‖²); inf when identical."""
+    signal = reference.double().pow(2).sum().item()
+    noise = (reference.double() - approximation.double()).pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    return 10 * math.log10(max(signal, 1e-300) / noise)
+
+
+@torch.no_grad()
+def paired_outputs(
+    original: nn.Module, compressed: nn.Module, batches: Batches
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]]:
+    """(original output, compressed output, labels or None, batch) for every batch, both in eval mode."""
+    original.eval()
+    compressed.eval()
+    labels = batches.labels or [None] * len(batches)
+    for batch, label in zip(batches.inputs, labels, strict=True):
+        yield original(**batch).float(), compressed(**batch).float(), label, batch
+
+
+class _Accumulator:
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    def add(self, key: str, total: float, count: int) -> None:
+        self.sums[key] = self.sums.get(key, 0.0) + total
+        self.counts[key] = self.counts.get(key, 0) + count
+
+    def mean(self, key: str) -> float | None:
+        return self.sums[key] / self.counts[key] if self.counts.get(key) else None
+
+
+def _token_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
+    """Summed next-token negative log-likelihood and token count (padding excluded)."""
+    shift_logits, targets = logits[:, :-1], input_ids[:, 1:]
+    nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), reduction="none")
+    keep = mask[:, 1:].reshape(-1).bool() if mask is not None else torch.ones_like(nll, dtype=torch.bool)
+    return float(nll[keep].sum()), int(keep.sum())
+
+
+def _add_distribution_metrics(acc: _Accumulator, ref: torch.Tensor, out: torch.Tensor) -> None:
+    if ref.dim() < 2 or ref.shape[-1] < 2:
+        return
+    flat_ref, flat_out = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
+    acc.add("top1", float((flat_ref.argmax(-1) == flat_out.argmax(-1)).sum()), flat_ref.shape[0])
+    log_p, log_q = F.log_softmax(flat_ref.double(), -1), F.log_softmax(flat_out.double(), -1)
+    acc.add("kl", float((log_p.exp() * (log_p - log_q)).sum()), flat_ref.shape[0])
+
+
+def _add_task_metrics(
+    acc: _Accumulator,
+    task: str,
+    ref: torch.Tensor,
+    out: torch.Tensor,
+    label: torch.Tensor | None,
+    batch: dict,
+) -> None:
+    if task == "causal_lm" and "input_ids" in batch:
+        for key, logits in (("nll_original", ref), ("nll_compressed", out)):
+            total, count = _token_nll(logits, batch["input_ids"], batch.get("attention_mask"))
+            acc.add(key, total, count)
+    elif label is not None and ref.dim() == 2 and label.dim() == 1:
+        acc.add("acc_original", float((ref.argmax(-1) == label).sum()), len(label))
+        acc.add("acc_compressed", float((out.argmax(-1) == label).sum()), len(label))
+    if task == "encoder" or ref.dim() == 2:
+        cosine = F.cosine_similarity(ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1), dim=-1)
+        acc.add("cosine", float(cosine.sum()), cosine.numel())
+
+
+def _task_metric(acc: _Accumulator, task: str) -> dict[str, Any]:
+    if acc.counts.get("nll_original"):
+        ppl = {k: math.exp(acc.mean(f"nll_{k}")) for k in ("original", "compressed")}
+        return {"name": "perplexity", "higher_is_better": False, **ppl}
+    if acc.counts.get("acc_original"):
+        accuracy = {k: acc.mean(f"acc_{k}") for k in ("original", "compressed")}
+        return {"name": "accuracy", "higher_is_better": True, **accuracy}
+    if task == "encoder" and acc.counts.get("cosine"):
+        return {
+            "name": "mean_cosine",
+            "higher_is_better": True,
+            "original": 1.0,
+            "compressed": acc.mean("cosine"),
+        }
+    if acc.counts.get("top1"):
+        return {
+            "name": "top1_agreement",
+            "higher_is_better": True,
+            "original": 1.0,
+            "compressed": acc.mean("top1"),
+        }
+    return {"name": "sqnr_db", "higher_is_better": True, "original": math.inf, "compressed": None}
+
+
+def compare_outputs(
+    original: nn.Module, compressed: nn.Module, batches: Batches, *, task: str = "classifier"
+) -> dict[str, Any]:
+    """Fidelity of `compressed` against `original` on `batches` (both run on the same inputs).
+
+    Returns top1_agreement, kl_divergence (mean per sample/token, nats), sqnr_db (outputs),
+    mean_cosine, samples, and `metric` {name, original, compressed, drop, higher_is_better}.
+    """
+    acc = _Accumulator()
+    signal = noise = 0.0
+    samples = 0
+    for ref, out, label, batch in paired_outputs(original, compressed, batches):
+        if ref.shape != out.shape:
+            raise ValueError(f"output shapes differ: {tuple(ref.shape)} vs {tuple(out.shape)}")
+        signal += ref.double().pow(2).sum().item()
+        noise += (ref.double() - out.double()).pow(2).sum().item()
+        samples += ref.shape[0]
+        if task != "encoder":  # argmax / softmax over embedding dimensions mean nothing
+            _add_distribution_metrics(acc, ref, out)
+        _add_task_metrics(acc, task, ref, out, label, batch)
+    metric = _task_metric(acc, task)
+    if metric["name"] == "sqnr_db":
+        metric["compressed"] = 10 * math.log10(signal / noise) if noise else math.inf
+    metric["drop"] = metric_drop(metric)
+    return {
+        "samples": samples,
+        "top1_agreement": acc.mean("top1"),
+        "kl_divergence": acc.mean("kl"),
+        "sqnr_db": 10 * math.log10(max(signal, 1e-300) / noise) if noise else math.inf,
+        "mean_cosine": acc.mean("cosine"),
+        "metric": metric,
+    }
+
+
+def metric_drop(metric: dict[str, Any]) -> float | None:
+    """How much worse the compressed model is (positive = worse), in the metric's own units."""
+    original, compressed = metric.get("original"), metric.get("compressed")
+    if original is None or compressed is None or math.isinf(original) or math.isinf(compressed):
+        return None
+    return original - compressed if metric.get("higher_is_better", True) else compressed - original

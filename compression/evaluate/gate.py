@@ -1,0 +1,76 @@
+"""Check a job's gate (`compression.configs.Gate`) against the measured report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from compression.configs import Gate
+
+
+def _metric_drop(report: dict[str, Any], relative: bool) -> float | None:
+    metric = report.get("fidelity", {}).get("metric", {})
+    drop, original = metric.get("drop"), metric.get("original")
+    if drop is None:
+        return None
+    if relative:
+        return drop / abs(original) if original else None
+    return drop
+
+
+def _speedup(report: dict[str, Any]) -> float | None:
+    return report.get("latency", {}).get("speedup")
+
+
+def _size(report: dict[str, Any]) -> int | None:
+    return report.get("compressed", {}).get("size_bytes")
+
+
+def _fraction_at_target(report: dict[str, Any]) -> float | None:
+    return report.get("compressed", {}).get("fraction_at_target_bits")
+
+
+def _check(name: str, limit: float, measured: float | None, passed: bool, unit: str) -> dict[str, Any]:
+    return {"name": name, "limit": limit, "measured": measured, "passed": passed, "unit": unit}
+
+
+def check_gate(gate: Gate, report: dict[str, Any]) -> dict[str, Any]:
+    """{verdict: "pass" | "fail", checks: [{name, limit, measured, passed, unit}]}.
+
+    A check whose value could not be measured fails (a gate the report cannot prove is not passed).
+    Reads report["fidelity"]["metric"]["drop"/"original"], report["latency"]["speedup"],
+    report["compressed"]["size_bytes"] and report["compressed"]["fraction_at_target_bits"].
+    """
+    checks = []
+    if gate.max_metric_drop is not None:
+        drop = _metric_drop(report, gate.drop_is_relative)
+        unit = "fraction of the original metric" if gate.drop_is_relative else "metric units"
+        ok = drop is not None and drop <= gate.max_metric_drop
+        checks.append(_check("max_metric_drop", gate.max_metric_drop, drop, ok, unit))
+    if gate.min_speedup is not None:
+        speedup = _speedup(report)
+        checks.append(
+            _check(
+                "min_speedup",
+                gate.min_speedup,
+                speedup,
+                speedup is not None and speedup >= gate.min_speedup,
+                "x",
+            )
+        )
+    if gate.max_size_bytes is not None:
+        size = _size(report)
+        checks.append(
+            _check(
+                "max_size_bytes",
+                gate.max_size_bytes,
+                size,
+                size is not None and size <= gate.max_size_bytes,
+                "bytes",
+            )
+        )
+    if gate.min_fraction_at_target_bits is not None:
+        fraction = _fraction_at_target(report)
+        ok = fraction is not None and fraction >= gate.min_fraction_at_target_bits
+        checks.append(_check("min_fraction_at_target_bits", gate.min_fraction_at_target_bits, fraction, ok, "fraction"))
+    verdict = "pass" if all(c["passed"] for c in checks) else "fail"
+    return {"verdict": verdict, "checks": checks}

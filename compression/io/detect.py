@@ -1,0 +1,94 @@
+"""Detect a model file's format from its content (never from its name) and unpack archives safely."""
+
+from __future__ import annotations
+
+import tarfile
+import zipfile
+from pathlib import Path, PurePosixPath
+from typing import Literal
+
+import onnx
+from google.protobuf.message import DecodeError
+
+from compression.io.errors import ModelLoadError
+
+Detected = Literal["onnx", "onnx_zip", "torch_export", "hf_dir", "hf_archive"]
+SAFE_FORMATS = "ONNX (.onnx), torch.export (.pt2) or a Hugging Face directory with *.safetensors"
+PICKLE_MESSAGE = "pickled files (torch.save, .bin, .pkl) are refused: loading them runs code. Upload " + SAFE_FORMATS
+
+
+def _zip_kind(names: list[str]) -> Detected:
+    if any(PurePosixPath(n).name == "archive_format" for n in names):
+        return "torch_export"
+    if any(n.endswith(".onnx") for n in names):
+        return "onnx_zip"
+    if any(PurePosixPath(n).name == "config.json" for n in names):
+        return "hf_archive"
+    if any(n.endswith((".pkl", "data.pkl")) for n in names):
+        raise ModelLoadError("pickle_refused", PICKLE_MESSAGE)
+    raise ModelLoadError("invalid_model", "zip archive holds neither an ONNX model, a .pt2 export nor a HF config.json")
+
+
+def _parse_onnx_bytes(data: bytes) -> onnx.ModelProto | None:
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(data)
+    except (DecodeError, ValueError, RuntimeError):
+        return None
+    return model if model.ir_version > 0 and len(model.graph.node) > 0 else None
+
+
+def detect_format(path: Path) -> Detected:
+    """What `path` holds; raises ModelLoadError(invalid_model | pickle_refused)."""
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return "hf_dir"
+        raise ModelLoadError("invalid_model", "a model directory must hold a Hugging Face config.json")
+    if not path.is_file() or path.stat().st_size == 0:
+        raise ModelLoadError("invalid_model", "the model file is missing or empty")
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            return _zip_kind(archive.namelist())
+    with path.open("rb") as handle:
+        head = handle.read(2)
+    if head[:1] == b"\x80":
+        raise ModelLoadError("pickle_refused", PICKLE_MESSAGE)
+    if _is_tar(path):
+        return "hf_archive"
+    if _parse_onnx_bytes(path.read_bytes()) is not None:
+        return "onnx"
+    raise ModelLoadError("invalid_model", f"not a readable model: expected {SAFE_FORMATS} (file truncated?)")
+
+
+def _is_tar(path: Path) -> bool:
+    try:
+        with tarfile.open(path) as archive:
+            return any(PurePosixPath(m.name).name == "config.json" for m in archive.getmembers())
+    except (tarfile.TarError, OSError, EOFError):
+        return False
+
+
+def safe_extract(path: Path, dest: Path) -> Path:
+    """Unpack a zip or tar (optionally compressed) under `dest`, refusing links and paths that escape it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    if zipfile.is_zipfile(path):
+        with zipfile.ZipFile(path) as archive:
+            for name in archive.namelist():
+                target = (root / name).resolve()
+                if not target.is_relative_to(root):
+                    raise ModelLoadError("invalid_model", f"archive member escapes the archive: {name}")
+            archive.extractall(root)
+        return root
+    try:
+        with tarfile.open(path) as archive:
+            archive.extractall(root, filter="data")
+    except (tarfile.TarError, OSError) as error:
+        raise ModelLoadError("invalid_model", f"unreadable archive: {error}") from error
+    return root
+
+
+def find_file_dir(root: Path, filename: str) -> Path | None:
+    """The shallowest directory under root holding `filename`."""
+    hits = sorted(root.rglob(filename), key=lambda p: len(p.parts))
+    return hits[0].parent if hits else None

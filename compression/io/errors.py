@@ -1,0 +1,21 @@
+"""Errors with a stable machine-readable `code`; the service maps them to `{"error": {code, message}}`."""
+
+from __future__ import annotations
+
+from compression.errors import CompressionError
+
+
+class CompressionIOError(CompressionError):
+    """Base of the I/O errors: `code` is a short snake_case identifier, `message` a sentence for people."""
+
+
+class ModelLoadError(CompressionIOError):
+    """Codes: invalid_model, unsupported_format, unsupported_operator, pickle_refused."""
+
+
+class DatasetError(CompressionIOError):
+    """Codes: invalid_dataset, dataset_mismatch."""
+
+
+class ExportError(CompressionIOError):
+    """Codes: export_failed, export_mismatch."""

@@ -1,0 +1,168 @@
+"""Load a user's model (ONNX, torch.export `.pt2`, Hugging Face directory or archive) as an nn.Module.
+
+ONNX and `.pt2` both end up as an `OnnxModule` (a `.pt2` is first exported to ONNX with the torch
+dynamo exporter), so every non-HF model is compressed, evaluated and exported through one path.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import onnx
+import torch
+from torch import nn
+
+from compression.io.detect import PICKLE_MESSAGE, detect_format, find_file_dir, safe_extract
+from compression.io.errors import ModelLoadError
+from compression.io.onnx_graph import fold_initializer_identities
+from compression.io.onnx_torch import OnnxModule
+
+Format = Literal["onnx", "torch_export", "hf_dir"]
+Task = Literal["classifier", "encoder", "causal_lm", "generic"]
+QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+ONNX_DTYPE_NAMES = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.FLOAT16: "float16",
+    onnx.TensorProto.DOUBLE: "float64",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.INT8: "int8",
+    onnx.TensorProto.UINT8: "uint8",
+    onnx.TensorProto.BOOL: "bool",
+}
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """One model input: `shape` entries are None where the dimension is dynamic."""
+
+    name: str
+    shape: tuple[int | None, ...]
+    dtype: str
+
+
+@dataclass
+class LoadedModel:
+    """A loaded model: `module(**inputs)` returns one tensor (logits, or embeddings for encoders)."""
+
+    format: Format
+    module: nn.Module
+    input_specs: list[InputSpec]
+    task: Task
+    tokenizer: Any | None = None
+    source_onnx: Path | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def quantizable_layer_names(module: nn.Module) -> list[str]:
+    return [name for name, child in module.named_modules() if isinstance(child, QUANTIZABLE_TYPES)]
+
+
+def describe_module(module: nn.Module, architecture: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "architecture": architecture,
+        "params": sum(p.numel() for p in module.parameters()),
+        "quantizable_layers": quantizable_layer_names(module),
+        **extra,
+    }
+
+
+def _onnx_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    init_names = {init.name for init in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in init_names:
+            continue
+        tensor_type = value.type.tensor_type
+        shape = tuple(d.dim_value if d.HasField("dim_value") else None for d in tensor_type.shape.dim)
+        specs.append(InputSpec(value.name, shape, ONNX_DTYPE_NAMES.get(tensor_type.elem_type, "unknown")))
+    return specs
+
+
+def _guess_task(model: onnx.ModelProto) -> Task:
+    output = model.graph.output[0].type.tensor_type.shape
+    return "classifier" if len(output.dim) == 2 else "generic"
+
+
+def _read_onnx(path: Path) -> onnx.ModelProto:
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+        onnx.checker.check_model(model)
+    except Exception as error:  # protobuf, checker and missing external data errors alike
+        raise ModelLoadError("invalid_model", f"invalid ONNX model: {error}") from error
+    if len(model.graph.node) == 0:
+        raise ModelLoadError("invalid_model", "the ONNX graph has no nodes")
+    return model
+
+
+def load_onnx(path: Path, work_dir: Path, *, model_format: Format = "onnx") -> LoadedModel:
+    """Load an ONNX file. When the graph needs normalizing (local functions inlined, tied constants
+    untied), the normalized graph is saved under work_dir and becomes `source_onnx`."""
+    model = _read_onnx(path)
+    changed = bool(model.functions)
+    if model.functions:
+        model = onnx.inliner.inline_local_functions(model)
+    changed |= fold_initializer_identities(model)
+    if changed:
+        path = work_dir / "normalized.onnx"
+        onnx.save_model(model, str(path), save_as_external_data=model.ByteSize() > 1_800_000_000)
+    module = OnnxModule(model).eval()
+    info = describe_module(module, f"onnx graph ({len(model.graph.node)} nodes)", opset=_default_opset(model))
+    info["layer_initializers"] = {name: layer.initializers for name, layer in module.layer_initializers.items()}
+    return LoadedModel(model_format, module, _onnx_input_specs(model), _guess_task(model), None, path, info)
+
+
+def _default_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def _export_program_to_onnx(path: Path, work_dir: Path) -> Path:
+    try:
+        program = torch.export.load(str(path))
+    except Exception as error:
+        raise ModelLoadError("invalid_model", f"unreadable torch.export archive: {error}") from error
+    target = work_dir / "from_pt2.onnx"
+    try:
+        torch.onnx.export(program, (), str(target), dynamo=True, optimize=True, verbose=False)
+    except Exception as error:
+        raise ModelLoadError("unsupported_operator", f"the .pt2 program does not export to ONNX: {error}") from error
+    return target
+
+
+def load_model(path: Path, *, work_dir: Path | None = None) -> LoadedModel:
+    """Load `path`, detecting the format from its content. Archives are unpacked under `work_dir`.
+
+    Raises ModelLoadError with code invalid_model, pickle_refused or unsupported_operator.
+    """
+    path = Path(path)
+    work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="modelpress-load-"))
+    work_dir.mkdir(parents=True, exist_ok=True)
+    kind = detect_format(path)
+    if kind == "onnx":
+        return load_onnx(path, work_dir)
+    if kind == "onnx_zip":
+        root = safe_extract(path, work_dir / "onnx")
+        onnx_files = sorted(root.rglob("*.onnx"), key=lambda p: len(p.parts))
+        return load_onnx(onnx_files[0], work_dir)
+    if kind == "torch_export":
+        loaded = load_onnx(_export_program_to_onnx(path, work_dir), work_dir, model_format="torch_export")
+        loaded.info["converted_via"] = "torch.export.load -> torch.onnx.export(dynamo, optimize: BatchNorm folded)"
+        return loaded
+    root = path if kind == "hf_dir" else safe_extract(path, work_dir / "hf")
+    model_dir = find_file_dir(root, "config.json")
+    if model_dir is None:
+        raise ModelLoadError("invalid_model", "no config.json found in the Hugging Face archive")
+    from compression.io.hf import load_hf_dir
+
+    return load_hf_dir(model_dir)
+
+
+def refuse_pickles_only(model_dir: Path) -> None:
+    """A HF dir with weights only as .bin / .pt pickles is refused (we read safetensors only)."""
+    if not list(model_dir.glob("*.safetensors")):
+        if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
+            raise ModelLoadError("pickle_refused", PICKLE_MESSAGE)
+        raise ModelLoadError("invalid_model", "the Hugging Face directory holds no *.safetensors weights")

@@ -1,0 +1,367 @@
+"""quant_decoupleq: decoupleQ (ByteDance, arXiv 2404.12759), W ≈ W_int·S + Z with free float S and Z.
+
+Layer-wise stage, per output row, minimizing (Ŵ−W) H (Ŵ−W)ᵀ (H damped by damp·mean diag):
+1. min/max init, then a GPTQ pass with that grid fixed (the GPTQ baseline as a starting point);
+2. alternate `iterations` times, keeping per row only what lowers the error:
+   - first alternation only: an H-weighted range-shrink grid search for (S, Z), refit in closed form;
+   - integer step with (S, Z) fixed: GPTQ rounding (default) or projected gradient (FISTA on the box
+     relaxation [lo·s+z, hi·s+z]) followed by GPTQ rounding of the relaxed solution;
+   - float step with the integers fixed: the exact least-squares (S, Z), a 2·n_groups linear system
+     per row (the normal equations of a quadratic in (S, Z)).
+Block-wise stage (optional): integers frozen, S, Z and the block's norm parameters trained with Adam to
+match the float block's outputs on the same inputs; kept only when the block's MSE went down.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from functools import partial
+from typing import Any
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from compression.configs import DecoupleQConfig
+from compression.methods.quant_gptq import act_order_permutation, gptq_round
+from compression.primitives.hessian import damp, fix_dead_inputs, inverse_cholesky
+from compression.primitives.layers import matrix_to_weight
+from compression.primitives.quant import (
+    code_range,
+    dequantize,
+    expand_groups,
+    group_view,
+    minmax_params,
+    num_groups,
+    quantize,
+    row_errors,
+    shrink_search,
+)
+from compression.primitives.sequential import BlockContext, block_output
+from compression.primitives.weight_quant import quantize_weights
+from compression.types import Batches, CompressionResult, ProgressFn, QuantizedLayer
+
+_SOLVE_ELEMENTS = 1 << 24  # rows per chunk so the [rows, groups, d] intermediate stays ~128 MB
+
+
+def solve_scale_zero(
+    weight: torch.Tensor,
+    codes: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int | None,
+    symmetric: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact least-squares (S, Z) `[out, n_groups]` for fixed codes: per row, the minimizer of
+    (Ŵ−W) H (Ŵ−W)ᵀ with Ŵ = codes·S + Z, from its normal equations (float64). Rows whose system stays
+    singular after damping get NaN (callers keep their previous values)."""
+    rows, cols = weight.shape
+    group = group_size or cols
+    groups = num_groups(cols, group_size)
+    padded = groups * group
+    hess = torch.zeros(padded, padded, dtype=torch.float64, device=weight.device)
+    hess[:cols, :cols] = hessian.to(weight.device, torch.float64)
+    codes_g = group_view(codes.double(), group)  # [rows, ng, G]
+    wh = torch.nn.functional.pad(weight.double(), (0, padded - cols)) @ hess
+    wh_g = wh.view(rows, groups, group)
+    hess_rows = hess.view(groups, group, padded)
+    p22 = hess.view(groups, group, groups, group).sum(dim=(1, 3))
+    chunk = max(1, _SOLVE_ELEMENTS // (groups * padded))
+    scales, zeros = [], []
+    for start in range(0, rows, chunk):
+        a = codes_g[start : start + chunk]
+        m = torch.einsum("cgi,gij->cgj", a, hess_rows).view(a.shape[0], groups, groups, group)
+        p11 = torch.einsum("cghj,chj->cgh", m, a)
+        rhs_s = (wh_g[start : start + chunk] * a).sum(-1)
+        if symmetric:
+            scales.append(_solve_rows(p11, rhs_s))
+            continue
+        p12 = m.sum(-1)
+        top = torch.cat([p11, p12], dim=2)
+        bottom = torch.cat([p12.transpose(1, 2), p22.expand_as(p11)], dim=2)
+        solution = _solve_rows(
+            torch.cat([top, bottom], dim=1), torch.cat([rhs_s, wh_g[start : start + chunk].sum(-1)], 1)
+        )
+        scales.append(solution[:, :groups])
+        zeros.append(solution[:, groups:])
+    scale = torch.cat(scales)
+    return scale, torch.zeros_like(scale) if symmetric else torch.cat(zeros)
+
+
+def _solve_rows(system: torch.Tensor, rhs: torch.Tensor, tries: int = 3) -> torch.Tensor:
+    """Batched solve; singular rows are retried with 1 % (then 10 %, ...) of their mean diagonal added."""
+    solution, info = torch.linalg.solve_ex(system, rhs.unsqueeze(-1))
+    solution = solution.squeeze(-1)
+    eye = torch.eye(system.shape[-1], dtype=system.dtype, device=system.device)
+    for attempt in range(tries):
+        failed = (info != 0) | ~torch.isfinite(solution).all(dim=1)
+        if not failed.any():
+            break
+        sub = system[failed]
+        level = 0.01 * 10**attempt * torch.diagonal(sub, dim1=1, dim2=2).mean(-1).clamp_min(1e-30)
+        retry, retry_info = torch.linalg.solve_ex(sub + level[:, None, None] * eye, rhs[failed].unsqueeze(-1))
+        solution[failed], info = retry.squeeze(-1), info.clone()
+        info[failed] = retry_info
+    failed = (info != 0) | ~torch.isfinite(solution).all(dim=1)
+    solution[failed] = float("nan")
+    return solution
+
+
+@dataclass
+class _Solution:
+    codes: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    errors: torch.Tensor  # per row, under the damped Hessian
+
+
+class _LayerProblem:
+    """One layer's decoupleQ problem: the weights, the damped Hessian and the fixed GPTQ machinery."""
+
+    def __init__(self, weight: torch.Tensor, hessian: torch.Tensor, config: dict[str, Any]) -> None:
+        self.weight = weight.float().clone()
+        hess = hessian.to(weight.device, torch.float64)
+        # The objective is the damped calibration loss; dead inputs (H_ii = 0) only get the damping, so
+        # the (S, Z) fit does not spend effort on columns that never see a signal.
+        self.hessian = damp(hess, config.get("objective_damp", config["damp_percent"]))
+        # The integer step is GPTQ exactly as quant_gptq runs it (dead inputs fixed, same damping).
+        gptq_hess, self.gptq_target = hess.clone(), self.weight.clone()
+        fix_dead_inputs(gptq_hess, self.gptq_target)
+        self.perm = act_order_permutation(gptq_hess, config["act_order"])
+        self.inv_chol = inverse_cholesky(gptq_hess[self.perm][:, self.perm], config["damp_percent"]).float()
+        self.bits, self.group_size, self.symmetric = config["bits"], config["group_size"], config["symmetric"]
+        self.integer_step_kind, self.pgd_steps = config["integer_step"], config["pgd_steps"]
+        self.block_size = config["block_size"]
+
+    def solution(self, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor) -> _Solution:
+        approx = dequantize(codes, scales, zeros, self.group_size)
+        errors = row_errors(approx - self.weight, self.hessian)
+        return _Solution(codes, scales.float(), zeros.float(), errors.nan_to_num(float("inf")))
+
+    def column_params(self, scales: torch.Tensor, zeros: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cols = self.weight.shape[1]
+        scales = torch.where(scales.abs() < 1e-12, torch.full_like(scales, 1e-12), scales)
+        scale_cols = expand_groups(scales, cols, self.group_size)
+        return scale_cols, expand_groups(zeros, cols, self.group_size)
+
+    def integer_step(self, scales: torch.Tensor, zeros: torch.Tensor) -> torch.Tensor:
+        """Codes for fixed (S, Z): GPTQ rounding of W (or of its box-constrained relaxation)."""
+        scale_cols, zero_cols = self.column_params(scales, zeros)
+        target = self.gptq_target if self.integer_step_kind == "gptq" else self.relaxed(scale_cols, zero_cols)
+        perm = self.perm
+        codes = gptq_round(
+            target[:, perm],
+            self.inv_chol,
+            scale_cols[:, perm].contiguous(),
+            zero_cols[:, perm].contiguous(),
+            self.bits,
+            self.block_size,
+        )
+        return codes[:, torch.argsort(perm)]
+
+    def relaxed(self, scale_cols: torch.Tensor, zero_cols: torch.Tensor) -> torch.Tensor:
+        """FISTA on min (w−W) H (w−W)ᵀ over the box spanned by the grid, step 1/λmax(H)."""
+        lo, hi = code_range(self.bits)
+        ends = torch.stack([lo * scale_cols + zero_cols, hi * scale_cols + zero_cols])
+        lower, upper = ends.amin(0), ends.amax(0)
+        hessian = self.hessian.float()
+        step = 1.0 / torch.linalg.eigvalsh(self.hessian).max().item()
+        current = torch.minimum(torch.maximum(self.weight, lower), upper)
+        momentum, t = current, 1.0
+        for _ in range(self.pgd_steps):
+            gradient = (momentum - self.weight) @ hessian
+            following = torch.minimum(torch.maximum(momentum - step * gradient, lower), upper)
+            t_next = (1 + math.sqrt(1 + 4 * t * t)) / 2
+            momentum = following + (t - 1) / t_next * (following - current)
+            current, t = following, t_next
+        return current
+
+    def float_step(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        scales, zeros = solve_scale_zero(self.weight, codes, self.hessian, self.group_size, self.symmetric)
+        return scales.float(), zeros.float()
+
+    def shrink_start(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(S, Z) from the H-weighted range-shrink grid search, refit in closed form on its rounding."""
+        scales, zeros = shrink_search(self.weight, self.bits, self.group_size, self.symmetric, self.hessian)
+        codes = quantize(self.weight, scales, zeros, self.bits, self.group_size)
+        refit_s, refit_z = self.float_step(codes)
+        ok = torch.isfinite(refit_s).all(1) & torch.isfinite(refit_z).all(1)
+        return torch.where(ok[:, None], refit_s, scales), torch.where(ok[:, None], refit_z, zeros)
+
+
+def keep_better(best: _Solution, candidate: _Solution) -> tuple[_Solution, int]:
+    """Per row, the candidate where its error is lower; also returns how many rows improved."""
+    better = candidate.errors < best.errors
+    pick = better[:, None]
+    merged = _Solution(
+        torch.where(pick, candidate.codes, best.codes),
+        torch.where(pick, candidate.scales, best.scales),
+        torch.where(pick, candidate.zeros, best.zeros),
+        torch.where(better, candidate.errors, best.errors),
+    )
+    return merged, int(better.sum())
+
+
+def decoupleq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool = False,
+    iterations: int = 3,
+    damp_percent: float = 0.01,
+    act_order: bool = True,
+    integer_step: str = "gptq",
+    pgd_steps: int = 50,
+    block_size: int = 128,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """decoupleQ's layer-wise stage on one `[out, d]` matrix; returns (codes, S, Z)."""
+    settings = {
+        "bits": bits,
+        "group_size": group_size,
+        "symmetric": symmetric,
+        "damp_percent": damp_percent,
+        "act_order": act_order,
+        "integer_step": integer_step,
+        "pgd_steps": pgd_steps,
+        "block_size": block_size,
+    }
+    problem = _LayerProblem(weight, hessian, settings)
+    scales, zeros = minmax_params(problem.weight, bits, group_size, symmetric)
+    best = problem.solution(quantize(problem.weight, scales, zeros, bits, group_size), scales, zeros)
+    best, _ = keep_better(best, problem.solution(problem.integer_step(scales, zeros), scales, zeros))
+    rows = weight.shape[0]
+    for iteration in range(iterations):
+        if iteration == 0:
+            scales, zeros = problem.shrink_start()
+        else:
+            scales, zeros = best.scales, best.zeros
+        best, improved_int = keep_better(best, problem.solution(problem.integer_step(scales, zeros), scales, zeros))
+        new_scales, new_zeros = problem.float_step(best.codes)
+        best, improved_float = keep_better(best, problem.solution(best.codes, new_scales, new_zeros))
+        if iteration > 0 and max(improved_int, improved_float) < 1e-4 * rows:
+            break
+    return best.codes, best.scales, best.zeros
+
+
+def _is_norm(module: nn.Module) -> bool:
+    norm_types = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+    return isinstance(module, norm_types) or "Norm" in type(module).__name__
+
+
+def _masked_mse(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if mask is not None and tuple(mask.shape) == tuple(output.shape[:2]) and output.dim() == 3:
+        keep = mask.to(torch.bool)
+        return torch.nn.functional.mse_loss(output[keep], target[keep])
+    return torch.nn.functional.mse_loss(output, target)
+
+
+class _BlockRefiner:
+    """Trains S, Z of a block's quantized layers and its norm parameters against the float outputs."""
+
+    def __init__(self, context: BlockContext, symmetric: bool) -> None:
+        self.context = context
+        layers = context.layers.items()
+        self.scales = {n: q.scales.detach().float().clone().requires_grad_(True) for n, (_, q) in layers}
+        self.zeros = {n: q.zeros.detach().float().clone().requires_grad_(not symmetric) for n, (_, q) in layers}
+        norm_params = [p for m in context.block.modules() if _is_norm(m) for p in m.parameters(recurse=False)]
+        self.norms = list({id(p): p for p in norm_params}.values())
+        self.trainable = [*self.scales.values(), *(self.zeros.values() if not symmetric else []), *self.norms]
+
+    def loss(self, index: int) -> torch.Tensor:
+        ctx = self.context
+        overrides = {}
+        for name, (module, layer) in ctx.layers.items():
+            matrix = dequantize(layer.codes, self.scales[name], self.zeros[name], layer.group_size)
+            overrides[f"{ctx.local_name(name)}.weight"] = matrix_to_weight(module, matrix).to(module.weight.dtype)
+        args, kwargs = ctx.inputs.args[index], ctx.inputs.kwargs[index]
+        output = block_output(functional_call(ctx.block, overrides, args, kwargs))
+        return _masked_mse(output, ctx.float_outputs[index], ctx.inputs.masks[index])
+
+    def total_loss(self) -> float:
+        with torch.no_grad():
+            return sum(self.loss(i).item() for i in range(len(self.context.inputs.args)))
+
+    def train(self, lr: float, epochs: int) -> None:
+        optimizer = torch.optim.Adam(self.trainable, lr=lr, betas=(0.9, 0.99), eps=2e-5)
+        with torch.enable_grad():
+            for _ in range(epochs):
+                for index in range(len(self.context.inputs.args)):
+                    optimizer.zero_grad(set_to_none=True)
+                    self.loss(index).backward()
+                    optimizer.step()
+
+
+def refine_block(
+    context: BlockContext, lr: float, epochs: int, symmetric: bool, log: dict[str, Any]
+) -> dict[str, QuantizedLayer]:
+    """decoupleQ's block-wise stage; returns the layers with new (S, Z) (none when it did not help)."""
+    block_params = list(context.block.parameters())
+    flags = [p.requires_grad for p in block_params]
+    refiner = _BlockRefiner(context, symmetric)
+    saved_norms = [p.detach().clone() for p in refiner.norms]
+    try:
+        for param in block_params:
+            param.requires_grad_(False)
+        for param in refiner.norms:
+            param.requires_grad_(True)
+        before = refiner.total_loss()
+        refiner.train(lr, epochs)
+        after = refiner.total_loss()
+    finally:
+        for param, flag in zip(block_params, flags, strict=True):
+            param.requires_grad_(flag)
+    finite = all(torch.isfinite(t).all() for t in [*refiner.scales.values(), *refiner.zeros.values()])
+    kept = finite and after < before
+    log[context.prefix or "<model>"] = {"mse_before": before, "mse_after": after, "kept": kept}
+    if not kept:
+        with torch.no_grad():
+            for param, saved in zip(refiner.norms, saved_norms, strict=True):
+                param.copy_(saved)
+        return {}
+    return {
+        name: replace(layer, scales=refiner.scales[name].detach(), zeros=refiner.zeros[name].detach())
+        for name, (_, layer) in context.layers.items()
+    }
+
+
+def compress(
+    model: nn.Module, calib: Batches | None, config: DecoupleQConfig, *, progress: ProgressFn | None = None
+) -> CompressionResult:
+    """decoupleQ every quantizable layer block by block, then (optionally) refine each block's float part."""
+    quantize_matrix = partial(
+        _quantize_matrix,
+        bits=config.bits,
+        group_size=config.group_size,
+        symmetric=config.symmetric,
+        iterations=config.iterations,
+        damp_percent=config.damp_percent,
+        act_order=config.act_order,
+        integer_step=config.integer_step,
+        pgd_steps=config.pgd_steps,
+    )
+    log: dict[str, Any] = {}
+    refine = None
+    if config.blockwise and config.blockwise_epochs > 0:
+        refine = partial(
+            refine_block,
+            lr=config.blockwise_lr,
+            epochs=config.blockwise_epochs,
+            symmetric=config.symmetric,
+            log=log,
+        )
+    result = quantize_weights(
+        model, calib, config, quantize_matrix, needs_calibration=True, refine=refine, progress=progress
+    )
+    result.stats["blockwise"] = log
+    result.notes.append(
+        f"decoupleQ: integer step '{config.integer_step}', {config.iterations} alternations, "
+        f"block-wise stage {'on' if refine else 'off'} "
+        f"({sum(entry['kept'] for entry in log.values())}/{len(log)} blocks improved and kept)"
+    )
+    return result
+
+
+def _quantize_matrix(weight: torch.Tensor, hessian: torch.Tensor | None, **kwargs: Any) -> tuple:
+    assert hessian is not None, "decoupleQ needs a Hessian"
+    return decoupleq_quantize(weight, hessian, **kwargs)

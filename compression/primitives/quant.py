@@ -1,0 +1,139 @@
+"""Uniform weight quantization on 2-D matrices: W ≈ codes·S + Z per output row and group of input columns.
+
+Conventions shared by every quantizer in the library (and `compression.types.QuantizedLayer`):
+- W is `[out, cols]`; a group is `group_size` consecutive input columns (the last one may be shorter);
+  `group_size=None` means one group per row (per-channel).
+- codes are signed integers in `[-2^(b-1), 2^(b-1)-1]` (int8); S and Z are float `[out, n_groups]`.
+- Z is a free float offset in weight units (not an integer zero point); symmetric quantizers set Z = 0.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def code_range(bits: int) -> tuple[int, int]:
+    """Smallest and largest signed code at `bits` bits."""
+    return -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+
+
+def num_groups(cols: int, group_size: int | None) -> int:
+    return 1 if group_size is None else math.ceil(cols / group_size)
+
+
+def expand_groups(per_group: torch.Tensor, cols: int, group_size: int | None) -> torch.Tensor:
+    """Repeat `[out, n_groups]` values along the columns -> `[out, cols]`."""
+    if group_size is None:
+        return per_group[:, :1].expand(-1, cols)
+    return per_group.repeat_interleave(group_size, dim=1)[:, :cols]
+
+
+def group_view(matrix: torch.Tensor, group_size: int | None, fill: float = 0.0) -> torch.Tensor:
+    """`[out, cols]` -> `[out, n_groups, group]`, padding the last group with `fill`."""
+    rows, cols = matrix.shape
+    group = group_size or cols
+    padded_cols = num_groups(cols, group_size) * group
+    if padded_cols != cols:
+        pad = matrix.new_full((rows, padded_cols - cols), fill)
+        matrix = torch.cat([matrix, pad], dim=1)
+    return matrix.reshape(rows, -1, group)
+
+
+def minmax_params(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    shrink: torch.Tensor | float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, Z) `[out, n_groups]` spanning each group's range, optionally shrunk by `shrink` (broadcastable).
+
+    Asymmetric: the lowest code maps to min(w) and the highest to max(w).
+    Symmetric: Z = 0 and S = 2·max|w| / (2^b - 1), as GPTQ's symmetric grid does.
+    """
+    lo, hi = code_range(bits)
+    grouped = group_view(weight.float(), group_size, fill=float("nan"))
+    if symmetric:
+        amax = grouped.abs().nan_to_num(0.0).amax(dim=-1) * shrink
+        scale = (2 * amax / (hi - lo)).clamp_min(1e-12)
+        return scale, torch.zeros_like(scale)
+    wmin = grouped.nan_to_num(float("inf")).amin(dim=-1)
+    wmax = grouped.nan_to_num(float("-inf")).amax(dim=-1)
+    center, half = (wmax + wmin) / 2, (wmax - wmin) / 2 * shrink
+    scale = (2 * half / (hi - lo)).clamp_min(1e-12)
+    return scale, center - half - lo * scale
+
+
+def quantize(
+    weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, bits: int, group_size: int | None
+) -> torch.Tensor:
+    """Nearest codes (ties round up) clamped to the signed range; int8 `[out, cols]`."""
+    lo, hi = code_range(bits)
+    cols = weight.shape[1]
+    scale_cols = expand_groups(scales, cols, group_size)
+    zero_cols = expand_groups(zeros, cols, group_size)
+    codes = torch.floor((weight.float() - zero_cols) / scale_cols + 0.5).clamp_(lo, hi)
+    return codes.to(torch.int8)
+
+
+def dequantize(
+    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None
+) -> torch.Tensor:
+    """codes·S + Z as float32 `[out, cols]` (the same arithmetic as `QuantizedLayer.dequantize`)."""
+    cols = codes.shape[1]
+    return codes.float() * expand_groups(scales.float(), cols, group_size) + expand_groups(
+        zeros.float(), cols, group_size
+    )
+
+
+def round_to_nearest(
+    weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, shrink: float = 1.0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RTN: min/max (S, Z) per group, then nearest codes. Returns (codes, S, Z)."""
+    scales, zeros = minmax_params(weight, bits, group_size, symmetric, shrink)
+    return quantize(weight, scales, zeros, bits, group_size), scales, zeros
+
+
+def row_errors(delta: torch.Tensor, hessian: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-row quadratic error δ H δᵀ (plain squared error when `hessian` is None)."""
+    if hessian is None:
+        return (delta.double() ** 2).sum(dim=1)
+    delta = delta.to(hessian.dtype)
+    return ((delta @ hessian) * delta).sum(dim=1)
+
+
+def shrink_search(
+    weight: torch.Tensor,
+    bits: int,
+    group_size: int | None,
+    symmetric: bool,
+    hessian: torch.Tensor | None = None,
+    grid: int = 200,
+    max_shrink: float = 0.8,
+    step: int = 2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Range clamp: shrink each range by p = 1 - k/grid (k < max_shrink·grid, every `step`-th k) and keep
+    the best p per row under the H-weighted error (all groups of a row share p, as decoupleQ does).
+    Candidates are ranked in float32 (only their order matters).
+    """
+    hessian = None if hessian is None else hessian.float()
+    best_err = torch.full((weight.shape[0],), float("inf"), dtype=torch.float64, device=weight.device)
+    best_s, best_z = minmax_params(weight, bits, group_size, symmetric)
+    for k in range(0, int(max_shrink * grid), step):
+        scales, zeros = minmax_params(weight, bits, group_size, symmetric, 1 - k / grid)
+        approx = dequantize(quantize(weight, scales, zeros, bits, group_size), scales, zeros, group_size)
+        err = row_errors(approx - weight.float(), hessian).to(best_err.dtype)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_s = torch.where(better[:, None], scales, best_s)
+        best_z = torch.where(better[:, None], zeros, best_z)
+    return best_s, best_z
+
+
+def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB: 10·log10(‖ref‖² / ‖ref − approx‖²)."""
+    noise = (reference.double() - approx.double()).pow(2).sum().item()
+    signal = reference.double().pow(2).sum().item()
+    return float("inf") if noise == 0 else 10 * math.log10(signal / noise)

@@ -1,0 +1,1 @@
+"""Small fixture models with committed weights, for tests and benchmarks."""

@@ -1,0 +1,147 @@
+"""The job runner end to end on the fixture ResNet exported to ONNX, with the real quant_rtn method."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from compression.configs import RTNConfig
+from compression.job import JobError, JobSpec, preflight, run_job
+from compression.zoo.fmnist_resnet import export_fmnist_onnx, fashion_mnist_available, load_fashion_mnist
+
+warnings.filterwarnings("ignore")
+STAGE_ORDER = ["load", "compress", "evaluate", "export", "benchmark"]
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("job")
+    if fashion_mnist_available():
+        images, labels = load_fashion_mnist("test", limit=256)
+        calib = load_fashion_mnist("train", limit=64)[0]
+    else:  # still exercises the pipeline; accuracy numbers are then meaningless
+        generator = torch.Generator().manual_seed(0)
+        images, labels = torch.randn(256, 1, 28, 28, generator=generator), torch.randint(0, 10, (256,))
+        calib = torch.randn(64, 1, 28, 28, generator=generator)
+    np.savez(folder / "eval.npz", input=images.numpy(), labels=labels.numpy())
+    np.savez(folder / "calib.npz", input=calib.numpy())
+    return {
+        "model": export_fmnist_onnx(folder / "resnet.onnx"),
+        "eval": folder / "eval.npz",
+        "calib": folder / "calib.npz",
+    }
+
+
+def _spec(inputs: dict[str, Path], work: Path, **overrides) -> JobSpec:
+    fields = {
+        "model_path": inputs["model"],
+        "method": "quant_rtn",
+        "config": {"bits": 4, "group_size": None},
+        "calibration_path": inputs["calib"],
+        "evaluation_path": inputs["eval"],
+        "gate": None,
+        "work_dir": work,
+        "benchmark_repeats": 5,
+    }
+    return JobSpec(**{**fields, **overrides})
+
+
+def _never() -> bool:
+    return False
+
+
+@pytest.mark.slow
+def test_run_job_end_to_end(inputs: dict[str, Path], tmp_path: Path) -> None:
+    events: list[tuple[str, float, str]] = []
+    gate = {"max_metric_drop": 0.05, "max_size_bytes": 150_000}
+    output = run_job(_spec(inputs, tmp_path, gate=gate), progress=lambda *e: events.append(e), should_cancel=_never)
+    stages = list(dict.fromkeys(stage for stage, _, _ in events))
+    fractions = [fraction for _, fraction, _ in events]
+    assert stages == STAGE_ORDER and fractions == sorted(fractions) and fractions[-1] == 1.0
+    report = output.report
+    json.dumps(report, allow_nan=False)
+    assert set(output.artifacts) == {"onnx", "safetensors", "manifest"}
+    assert all(path.is_file() for path in output.artifacts.values())
+    assert report["export_check"]["passed"]
+    assert report["compressed"]["size_bytes"] < 0.3 * report["original"]["size_bytes"]
+    assert report["compressed"]["bits"]["nominal_bits"] == 4.0
+    assert report["fidelity"]["top1_agreement"] > 0.85 and report["fidelity"]["metric"]["name"] == "accuracy"
+    statuses = {row["name"]: row["status"] for row in report["layers"]}
+    assert statuses["layer1.conv1"] == "quantized" and statuses["fc"] == "float"
+    assert report["data"]["used_for"] == {"method": "calibration", "fidelity": "evaluation"}
+    assert {"1", "32"} <= set(report["latency"]["original"]["batches"])
+    assert [c["name"] for c in report["gate"]["checks"]] == ["max_metric_drop", "max_size_bytes"]
+    assert report["gate"]["checks"][1]["passed"]
+    manifest = json.loads(output.artifacts["manifest"].read_text())
+    assert manifest["config"]["bits"] == 4 and manifest["inputs"]["model"].startswith("sha256:")
+
+
+def test_no_data_uses_synthetic_inputs_and_says_so(inputs: dict[str, Path], tmp_path: Path) -> None:
+    spec = _spec(inputs, tmp_path, calibration_path=None, evaluation_path=None, config={"bits": 8})
+    report = run_job(spec, progress=lambda *e: None, should_cancel=_never).report
+    assert report["data"]["used_for"]["fidelity"] == "synthetic"
+    assert any("synthetic" in note for note in report["data"]["notes"])
+    assert report["fidelity"]["metric"]["name"] == "top1_agreement"
+    assert report["fidelity"]["top1_agreement"] > 0.9  # 8-bit barely moves the logits
+
+
+def test_calibration_falls_back_to_evaluation_only_when_needed(
+    inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(RTNConfig, "needs_calibration", True)
+    with pytest.raises(JobError) as error:
+        spec = _spec(inputs, tmp_path / "a", calibration_path=None, evaluation_path=None)
+        run_job(spec, progress=lambda *e: None, should_cancel=_never)
+    assert error.value.code == "calibration_required"
+    spec = _spec(inputs, tmp_path / "b", calibration_path=None, calibration_samples=32)
+    report = run_job(spec, progress=lambda *e: None, should_cancel=_never).report
+    assert report["data"]["used_for"] == {"method": "evaluation", "fidelity": "evaluation"}
+    assert any("used the evaluation set" in note for note in report["data"]["notes"])
+    assert report["data"]["method_data"]["samples"] == 32  # capped at calibration_samples
+
+
+def test_cancel_stops_the_job(inputs: dict[str, Path], tmp_path: Path) -> None:
+    seen: list[str] = []
+    with pytest.raises(JobError) as error:
+        run_job(
+            _spec(inputs, tmp_path),
+            progress=lambda stage, *_: seen.append(stage),
+            should_cancel=lambda: "compress" in seen,
+        )
+    assert error.value.code == "cancelled" and "evaluate" not in seen
+
+
+def test_bad_inputs_fail_with_stable_codes(inputs: dict[str, Path], tmp_path: Path) -> None:
+    pickle_path = tmp_path / "model.pt"
+    torch.save({"w": torch.ones(1)}, pickle_path)
+    cases = [
+        (_spec(inputs, tmp_path, model_path=pickle_path), "pickle_refused"),
+        (_spec(inputs, tmp_path, config={"bits": 5}), "invalid_config"),
+        (_spec(inputs, tmp_path, method="quant_magic"), "unknown_method"),
+        (_spec(inputs, tmp_path, evaluation_path=inputs["model"]), "invalid_dataset"),
+    ]
+    for spec, code in cases:
+        with pytest.raises(JobError) as error:
+            run_job(spec, progress=lambda *e: None, should_cancel=_never)
+        assert error.value.code == code, error.value.message
+
+
+def test_preflight_reports_checks_skips_and_estimates(inputs: dict[str, Path], tmp_path: Path) -> None:
+    answer = preflight(inputs["model"], "quant_gptq", {"bits": 2}, None, inputs["eval"], work_dir=tmp_path)
+    assert answer["ok"] and answer["format"] == "onnx" and answer["quantizable_layers"] == 10
+    calibration = next(c for c in answer["checks"] if c["name"] == "calibration_present")
+    assert "evaluation set will be used" in calibration["message"]
+    assert answer["skipped_layers"] == [{"name": "fc", "reason": answer["skipped_layers"][0]["reason"]}]
+    assert answer["estimates"]["peak_memory_bytes"] > 4 * answer["params"]
+    refused = preflight(inputs["model"], "quant_gptq", {"bits": 2}, None, None, work_dir=tmp_path)
+    assert not refused["ok"]
+    np.savez(tmp_path / "wrong.npz", pixels=np.zeros((2, 1, 28, 28), np.float32))
+    mismatch = preflight(inputs["model"], "quant_rtn", {}, tmp_path / "wrong.npz", None, work_dir=tmp_path)
+    failed = [c for c in mismatch["checks"] if not c["ok"]]
+    assert [c["name"] for c in failed] == ["calibration_matches_model"]
+    assert "dataset_mismatch" in failed[0]["message"]

@@ -1,0 +1,261 @@
+"""End to end with real components: API (in-process), a real Celery worker process, real PostgreSQL
+and Redis; and the embedded default (SQLite + filesystem broker). Then the chaos cases: SIGKILL the
+worker mid-job, and restart a private Redis empty with jobs queued. Every job must still end
+`succeeded` or `failed` with a reason."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from app.cli import ROOT, worker_command
+from tests.conftest import REDIS_URL, ApiClient
+from tests.helpers import files
+
+pytestmark = pytest.mark.services
+
+
+class Workers:
+    """Real `celery worker` processes in their own process groups, logs kept for failures."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir, self.procs = log_dir, []  # type: ignore[var-annotated]
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        log = open(self.log_dir / f"worker-{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            worker_command("gpu,cpu", 1, f"{name}@%h"),
+            cwd=ROOT,
+            env=os.environ.copy(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.log_dir.glob("worker-*.log"))
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    pool = Workers(tmp_path)
+    yield pool
+    pool.stop_all()
+
+
+@pytest.fixture
+def redis_db() -> Iterator[str]:
+    import redis
+
+    url = f"{REDIS_URL}/7"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+def upload_inputs(api: ApiClient, tmp_path: Path) -> tuple[str, str]:
+    model = api.upload("/v1/models", files.tiny_onnx(tmp_path / "tiny.onnx")).json()
+    rng = np.random.default_rng(0)
+    data = files.npz(
+        tmp_path / "calib.npz",
+        input=rng.standard_normal((64, 8)).astype(np.float32),
+        labels=rng.integers(0, 3, 64),
+    )
+    dataset = api.upload("/v1/datasets", data, model_id=model["id"]).json()
+    return model["id"], dataset["id"]
+
+
+def submit(api: ApiClient, model_id: str, dataset_id: str, **config: object) -> str:
+    body = {
+        "model_id": model_id,
+        "method": "quant_rtn",
+        "config": {"bits": 4, "group_size": None, **config},
+        "evaluation_id": dataset_id,
+        "gate": {"max_metric_drop": 0.5},
+    }
+    response = api.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def wait_for(
+    api: ApiClient, job_id: str, done: Callable[[dict], bool], timeout: float, workers: Workers
+) -> dict:
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        job = api.get(f"/v1/jobs/{job_id}").json()
+        if done(job):
+            return job
+        time.sleep(0.3)
+    raise AssertionError(f"job {job_id} stuck at {job}\n--- worker logs ---\n{workers.logs()}")
+
+
+def finished(job: dict) -> bool:
+    return job["status"] in ("succeeded", "failed", "cancelled")
+
+
+def assert_succeeded_with_report(api: ApiClient, job: dict) -> None:
+    assert job["status"] == "succeeded", job
+    kinds = {a["kind"] for a in job["artifacts"]}
+    assert {"onnx", "safetensors", "manifest"} <= kinds, kinds
+    report = api.get(f"/v1/jobs/{job['id']}/report").json()
+    assert report["original"]["size_bytes"] > 0 and report["compressed"]["size_bytes"] > 0
+    onnx_artifact = next(a for a in job["artifacts"] if a["kind"] == "onnx")
+    blob = api.get(f"/v1/artifacts/{onnx_artifact['id']}").content
+    assert len(blob) == onnx_artifact["size_bytes"]
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
+    out = session.run(None, {"input": np.ones((2, 8), np.float32)})[0]
+    assert out.shape == (2, 3) and np.isfinite(out).all()
+    assert job["verdict"] in ("pass", "fail")
+    html = api.get(f"/v1/jobs/{job['id']}/report.html")
+    assert html.status_code == 200 and "<svg" in html.text
+
+
+def test_postgres_redis_real_worker_end_to_end(service_env, make_api, redis_db, workers, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    service_env(db="postgres", broker=redis_db)
+    api = make_api()
+    model_id, dataset_id = upload_inputs(api, tmp_path)
+    workers.start("main")
+    job_id = submit(api, model_id, dataset_id)
+    job = wait_for(api, job_id, finished, 180, workers)
+    assert_succeeded_with_report(api, job)
+    assert job["attempts"] == 1 and job["worker_host"]
+    metrics = api.client.get("/metrics").text
+    assert 'modelpress_jobs{status="succeeded"} 1.0' in metrics
+    assert "modelpress_job_duration_seconds_count 1.0" in metrics
+
+
+def test_embedded_default_end_to_end(service_env, make_api, workers, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    service_env(db="sqlite", broker="embedded")
+    api = make_api()
+    model_id, dataset_id = upload_inputs(api, tmp_path)
+    workers.start("embedded")
+    job = wait_for(api, submit(api, model_id, dataset_id), finished, 180, workers)
+    assert_succeeded_with_report(api, job)
+
+
+CHAOS_ENV = {
+    "MODELPRESS_FAULT_STAGE_DELAY_S": "2",
+    "MODELPRESS_HEARTBEAT_INTERVAL_S": "0.5",
+    "MODELPRESS_STALE_AFTER_S": "3",
+    "MODELPRESS_REQUEUE_AFTER_S": "2",
+    "MODELPRESS_JANITOR_ENABLED": "true",
+    "MODELPRESS_JANITOR_INTERVAL_S": "1",
+}
+
+
+@pytest.mark.parametrize("max_attempts", ["2", "1"])
+def test_sigkilled_worker_job_is_retried_or_failed_with_reason(  # type: ignore[no-untyped-def]
+    service_env, make_api, redis_db, workers, tmp_path, max_attempts
+) -> None:
+    service_env(db="postgres", broker=redis_db, **CHAOS_ENV, MODELPRESS_MAX_ATTEMPTS=max_attempts)
+    api = make_api()
+    model_id, dataset_id = upload_inputs(api, tmp_path)
+    doomed = workers.start("doomed")
+    job_id = submit(api, model_id, dataset_id)
+    running = wait_for(api, job_id, lambda j: j["status"] == "running", 120, workers)
+    workers.kill(doomed)
+    workers.start("rescuer")
+    job = wait_for(api, job_id, finished, 180, workers)
+    if max_attempts == "2":
+        assert_succeeded_with_report(api, job)
+        assert job["attempts"] == 2 and job["worker_host"] != running["worker_host"]
+    else:
+        assert job["status"] == "failed" and job["error"]["code"] == "worker_lost"
+        assert "stopped heartbeating" in job["error"]["message"]
+
+
+@pytest.fixture
+def private_redis(tmp_path: Path) -> Iterator[Callable[[], str]]:
+    """A redis-server of our own on another port, so restarting it leaves the shared one alone."""
+    port = 6390 + os.getpid() % 50
+    procs: list[subprocess.Popen[bytes]] = []
+
+    def restart() -> str:
+        for proc in procs:
+            proc.terminate()
+            proc.wait(timeout=10)
+        procs.append(
+            subprocess.Popen(
+                [
+                    "redis-server",
+                    "--port",
+                    str(port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(tmp_path),
+                ],
+                stdout=subprocess.DEVNULL,
+            )
+        )
+        _wait_redis(port)
+        return f"redis://127.0.0.1:{port}/0"
+
+    yield restart
+    for proc in procs:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def _wait_redis(port: int) -> None:
+    import redis
+
+    for _ in range(100):
+        try:
+            redis.Redis(port=port).ping()
+            return
+        except redis.ConnectionError:
+            time.sleep(0.1)
+    raise RuntimeError("private redis did not start")
+
+
+def test_redis_restarted_empty_queued_jobs_are_resent(
+    service_env, make_api, private_redis, workers, tmp_path
+) -> None:  # type: ignore[no-untyped-def]
+    import redis
+
+    url = private_redis()
+    service_env(db="postgres", broker=url, **{**CHAOS_ENV, "MODELPRESS_FAULT_STAGE_DELAY_S": "0"})
+    api = make_api()
+    model_id, dataset_id = upload_inputs(api, tmp_path)
+    job_ids = [submit(api, model_id, dataset_id, bits=bits) for bits in (2, 4, 8)]
+    assert redis.Redis.from_url(url).llen("gpu") == 3
+    private_redis()  # restart: the queue is gone
+    assert redis.Redis.from_url(url).llen("gpu") == 0
+    workers.start("after-restart")
+    for job_id in job_ids:
+        job = wait_for(api, job_id, finished, 240, workers)
+        assert job["status"] == "succeeded", job
