@@ -17,7 +17,7 @@ from app.core.queue import send_job
 from app.core.settings import get_settings
 from app.db import crud
 from app.db.models import Dataset, Job, Model, Project
-from app.schemas.api import ArtifactOut, JobCreate, JobError, JobOut
+from app.schemas.api import ArtifactOut, JobCreate, JobError, JobOut, PreflightOut
 from compression.configs import CONFIG_CLASSES, MethodConfigBase, parse_config
 
 log = logging.getLogger(__name__)
@@ -105,6 +105,45 @@ def estimate(model: Model, config: MethodConfigBase) -> dict[str, Any]:
         "seconds": round(10 + params / 1e6 * seconds_per_mparam, 1),
         "basis": "parameter count; the worker re-estimates after loading",
     }
+
+
+def dry_run(
+    *,
+    store: Any,
+    model: Model,
+    config: MethodConfigBase,
+    calibration: Dataset | None,
+    evaluation: Dataset | None,
+    checks: list[dict[str, Any]],
+) -> PreflightOut:
+    """Torch-free checks, then the worker's own pre-flight when this process can run it."""
+    from app.core.deep_preflight import deep_preflight
+
+    deep = None
+    if all(c["ok"] for c in checks if c["name"] == "format_supported"):
+        deep = deep_preflight(
+            store=store,
+            model=model,
+            method=config.method,
+            config=config.model_dump(mode="json", exclude={"method"}),
+            calibration=calibration,
+            evaluation=evaluation,
+        )
+    if deep is None:
+        note = _check("deep_preflight", True, "torch is not installed beside the API: the worker re-checks first")
+        return PreflightOut(
+            ok=all(c["ok"] for c in checks), deep=False, checks=[*checks, note], estimate=estimate(model, config)
+        )
+    names = {c["name"] for c in checks}
+    merged = [*checks, *(c for c in deep.get("checks", []) if c["name"] not in names)]
+    return PreflightOut(
+        ok=all(c["ok"] for c in merged),
+        deep=True,
+        checks=merged,
+        estimate=deep.get("estimates") or estimate(model, config),
+        skipped_layers=deep.get("skipped_layers"),
+        details={k: deep.get(k) for k in ("format", "task", "params", "quantizable_layers")},
+    )
 
 
 def request_hash(body: JobCreate) -> str:

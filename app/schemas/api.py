@@ -94,8 +94,11 @@ class JobPage(BaseModel):
 
 class PreflightOut(BaseModel):
     ok: bool
+    deep: bool = Field(description="true when the model and data were loaded for real (torch beside the API)")
     checks: list[dict[str, Any]]
     estimate: dict[str, Any]
+    skipped_layers: dict[str, str] | list[Any] | None = None
+    details: dict[str, Any] | None = None
 
 
 class MethodOut(BaseModel):

@@ -254,3 +254,16 @@ def test_dashboard_summary_and_job_events(api, onnx_model) -> None:  # type: ign
     assert [e["status"] for e in events] == ["queued", "cancelled"]
     page = api.client.get("/dashboard")
     assert page.status_code == 200 and 'data-testid="jobs"' in page.text
+
+
+def test_dry_run_loads_the_model_for_real(api, onnx_model, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    result = api.post("/v1/jobs?dry_run=true", json={"model_id": onnx_model["id"], "method": "quant_rtn"}).json()
+    assert result["deep"] is True and result["ok"] is True, result
+    checks = {c["name"]: c for c in result["checks"]}
+    assert checks["model_loads"]["ok"] and checks["exportable"]["ok"]
+    assert result["details"]["quantizable_layers"] == 2 and result["estimate"]
+    odd = api.upload("/v1/models", files.onnx_with_op(tmp_path / "odd.onnx", "Hardmax")).json()
+    result = api.post("/v1/jobs?dry_run=true", json={"model_id": odd["id"], "method": "quant_rtn"}).json()
+    assert result["ok"] is False
+    failed = next(c for c in result["checks"] if not c["ok"])
+    assert "unsupported_operator" in failed["message"] and "Hardmax" in failed["message"]

@@ -80,3 +80,18 @@ def tar_with_link(path: Path) -> Path:
         link.linkname = "/etc/passwd"
         archive.addfile(link)
     return path
+
+
+def onnx_with_op(path: Path, op_type: str) -> Path:
+    """A valid ONNX whose only node is `op_type` (for unsupported-operator checks)."""
+    node = helper.make_node(op_type, ["input"], ["out"], name=f"the_{op_type.lower()}")
+    graph = helper.make_graph(
+        [node],
+        "one_op",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 8])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path

@@ -35,6 +35,7 @@ def create_job(
     body: JobCreate,
     project: ProjectDep,
     session: SessionDep,
+    store: StoreDep,
     response: Response,
     dry_run: bool = False,
     idempotency_key: Annotated[str | None, Header(max_length=200)] = None,
@@ -44,8 +45,9 @@ def create_job(
     checks = jobflow.preflight_checks(model=model, config=config, calibration=calibration, evaluation=evaluation)
     if dry_run:
         response.status_code = 200
-        ok = all(c["ok"] for c in checks)
-        return PreflightOut(ok=ok, checks=checks, estimate=jobflow.estimate(model, config))
+        return jobflow.dry_run(
+            store=store, model=model, config=config, calibration=calibration, evaluation=evaluation, checks=checks
+        )
     jobflow.raise_on_failed_checks(checks)
     job, created = jobflow.create_job(
         session=session, project=project, body=body, config=config, idempotency_key=idempotency_key
