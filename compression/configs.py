@@ -140,6 +140,11 @@ class MixedPrecisionConfig(MethodConfigBase):
     sensitivity_samples: int = Field(
         128, ge=1, le=100_000, description="Calibration samples the one-layer-at-a-time sensitivity pass runs on."
     )
+    sensitivity_holdout: bool = Field(
+        True,
+        description="gptq/decoupleq: fit the per-layer candidates on the calibration samples outside the "
+        "sensitivity set (when at least as many remain), so sensitivities measure generalization, not the fit.",
+    )
     max_predicted_drop: float | None = Field(
         None, ge=0, description="Also cap the predicted task-metric drop (sum of per-layer measured drops)."
     )

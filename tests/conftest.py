@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
+import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -178,3 +180,49 @@ def live_server(service_env, make_api, tmp_path):  # type: ignore[no-untyped-def
         server.terminate()
         server.wait(timeout=30)
         log.close()  # type: ignore[attr-defined]
+
+
+class Workers:
+    """Real `celery worker` processes in their own process groups, logs kept for failures."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir, self.procs = log_dir, []  # type: ignore[var-annotated]
+
+    def start(self, name: str) -> subprocess.Popen[bytes]:
+        from app.cli import ROOT, worker_command
+
+        log = open(self.log_dir / f"worker-{name}.log", "wb")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            worker_command("gpu,cpu", 1, f"{name}@%h"),
+            cwd=ROOT,
+            env=os.environ.copy(),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def kill(self, proc: subprocess.Popen[bytes]) -> None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+    def stop_all(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+
+    def logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.log_dir.glob("worker-*.log"))
+
+
+@pytest.fixture
+def workers(tmp_path: Path) -> Iterator[Workers]:
+    pool = Workers(tmp_path)
+    yield pool
+    pool.stop_all()

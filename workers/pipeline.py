@@ -11,6 +11,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+from app.core.settings import get_settings
 from app.db import crud
 from app.db.models import Dataset, Job, Model
 from app.db.session import session_scope
@@ -53,7 +54,16 @@ def _run(job_id: str, work_dir: Path, reporter: JobReporter) -> Any:
 
     spec_fields = _fetch_inputs(job_id, work_dir)
     reporter.progress("load", 0.0, "inputs fetched")
-    spec = JobSpec(work_dir=work_dir / "out", device=_device(), **spec_fields)
+    settings = get_settings()
+    spec = JobSpec(
+        work_dir=work_dir / "out",
+        device=_device(),
+        calibration_samples=settings.calibration_max_samples,
+        evaluation_samples=settings.evaluation_max_samples,
+        seq_len=settings.seq_len,
+        benchmark_budget_s=settings.benchmark_budget_s,
+        **spec_fields,
+    )
     spec.work_dir.mkdir(parents=True, exist_ok=True)
     return run_job(spec, progress=reporter.progress, should_cancel=reporter.cancelled)
 

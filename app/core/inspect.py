@@ -201,14 +201,15 @@ def _onnx_input(value: Any) -> dict[str, Any]:
 
 
 def _inspect_pt2(names: list[str], read: Any) -> Inspection:
-    weights_cfg = [n for n in names if n.endswith("weights/model_weights_config.json")]
+    weights_cfg = [n for n in names if "/data/" in f"/{n}" and n.endswith("_config.json")]
     model_json = next(n for n in names if n.endswith("models/model.json"))
     params = 0
     for cfg_name in weights_cfg:
         for entry in json.loads(read(cfg_name)).get("config", {}).values():
             if entry.get("use_pickle"):
-                raise _pickle_refused("the .pt2 archive stores pickled weights")
-            params += _pt2_numel(entry.get("tensor_meta", {}))
+                raise _pickle_refused("the .pt2 archive stores pickled tensors")
+            if "weights" in cfg_name:
+                params += _pt2_numel(entry.get("tensor_meta", {}))
     graph = json.loads(read(model_json))["graph_module"]
     inputs = _pt2_inputs(graph)
     return Inspection("torch_export", params, inputs, {"torch_version": None})

@@ -28,6 +28,10 @@ class Settings(BaseSettings):
     max_attempts: int = Field(2, ge=1, description="Runs a job gets before a lost worker fails it.")
     janitor_interval_s: float = Field(10.0, gt=0)
     janitor_enabled: bool = True
+    calibration_max_samples: int = Field(512, ge=1, description="Calibration samples a job uses at most.")
+    evaluation_max_samples: int = Field(10_000, ge=1, description="Evaluation samples a job uses at most.")
+    seq_len: int = Field(512, ge=8, description="Token window for text data.")
+    benchmark_budget_s: float = Field(10.0, gt=0, description="ONNX Runtime timing budget per model and batch.")
     fault_stage_delay_s: float = Field(
         0.0, ge=0, description="Fault injection for chaos tests: sleep this long in each worker stage."
     )

@@ -117,3 +117,17 @@ def load_hf_dir(model_dir: Path) -> LoadedModel:
     info = describe_module(wrapper, architectures[0] if architectures else config.model_type, output=output)
     info["model_dir"] = str(model_dir)
     return LoadedModel("hf_dir", wrapper.eval(), specs, task, _load_tokenizer(model_dir), None, info)
+
+
+def export_hf_dir(model: nn.Module, loaded: LoadedModel, out_dir: Path) -> Path:
+    """The compressed model as a Hugging Face directory that `transformers` loads as is.
+
+    Weights are the fake-quantized float values (or the pruned shapes, with the rewritten config), saved
+    as safetensors; the packed integer form lives in the job's safetensors artifact.
+    """
+    inner = getattr(model, "model", model)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inner.save_pretrained(str(out_dir), safe_serialization=True)
+    if loaded.tokenizer is not None:
+        loaded.tokenizer.save_pretrained(str(out_dir))
+    return out_dir

@@ -19,6 +19,7 @@ from compression.io.detect import PICKLE_MESSAGE, detect_format, find_file_dir, 
 from compression.io.errors import ModelLoadError
 from compression.io.onnx_graph import fold_initializer_identities
 from compression.io.onnx_torch import OnnxModule
+from compression.io.pt2_safety import sanitize_pt2
 
 Format = Literal["onnx", "torch_export", "hf_dir"]
 Task = Literal["classifier", "encoder", "causal_lm", "generic"]
@@ -120,13 +121,15 @@ def _default_opset(model: onnx.ModelProto) -> int:
 
 
 def _export_program_to_onnx(path: Path, work_dir: Path) -> Path:
+    sanitized = sanitize_pt2(path, work_dir / "sanitized.pt2")
     try:
-        program = torch.export.load(str(path))
+        program = torch.export.load(str(sanitized))
     except Exception as error:
         raise ModelLoadError("invalid_model", f"unreadable torch.export archive: {error}") from error
     target = work_dir / "from_pt2.onnx"
     try:
-        torch.onnx.export(program, (), str(target), dynamo=True, optimize=True, verbose=False)
+        exported = torch.onnx.export(program, (), dynamo=True, optimize=True, verbose=False)
+        exported.save(str(target), external_data=False)  # one self-contained file: its size is the model's
     except Exception as error:
         raise ModelLoadError("unsupported_operator", f"the .pt2 program does not export to ONNX: {error}") from error
     return target

@@ -7,7 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from app.cli import ROOT
-from tests.workers.test_end_to_end import Workers, submit, upload_inputs
+from tests.conftest import Workers
+from tests.workers.test_end_to_end import submit, upload_inputs
 
 CHROMIUM = Path("/usr/bin/chromium")
 ARTIFACTS = ROOT / "test-artifacts"

@@ -259,3 +259,27 @@ def test_registry_progress_and_config_defaults() -> None:
     assert result.method == "data_free" and calls[-1][0] == 1.0
     assert all(a[0] <= b[0] for a, b in itertools.pairwise(calls))
     assert result.stats["time_s"] >= 0 and any("Eq. 20" in note for note in result.notes)
+
+
+def test_onnx_interpreter_module_gets_the_same_pairs_and_result(tmp_path) -> None:
+    onnx = pytest.importorskip("onnx")
+    from compression.io.onnx_torch import OnnxModule
+
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
+    )  # fmt: skip
+    model = _randomize_bn(model, seed=6)
+    x = torch.randn(4, 1, 10, 10)
+    path = tmp_path / "model.onnx"
+    torch.onnx.export(model, (x,), str(path), input_names=["input"], output_names=["logits"], dynamo=False,
+                      training=torch.onnx.TrainingMode.PRESERVE, do_constant_folding=False)  # fmt: skip
+    interpreted = OnnxModule(onnx.load(str(path))).eval()
+    config = DataFreeConfig(prune_ratio=0.5, bits=4)
+    ours, theirs = compress(model, None, config), compress(interpreted, None, config)
+    assert theirs.stats["channels_pruned"] == ours.stats["channels_pruned"] == {
+        "0": {"pruned": 4, "total": 8}, "3": {"pruned": 4, "total": 8},
+    }  # fmt: skip
+    with torch.no_grad():
+        assert torch.allclose(theirs.model(input=x), ours.model(x), atol=1e-5)

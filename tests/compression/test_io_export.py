@@ -191,3 +191,24 @@ def test_hf_encoder_export_uses_matmul_nbits(tmp_path: Path) -> None:
     paths = export_artifacts(result, loaded, tmp_path / "out", example=example, manifest={}, options=EXACT)
     assert sum(n.op_type == "MatMulNBits" for n in onnx.load(str(paths["onnx"])).graph.node) == 6
     assert verify_onnx(paths["onnx"], result.model, example, tolerance=1e-4)["passed"]
+
+
+def test_hf_dir_artifact_reloads_with_transformers(tmp_path: Path) -> None:
+    import transformers
+
+    from compression.io.hf import export_hf_dir
+
+    config = transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    loaded = load_model(tmp_path / "bert", work_dir=tmp_path / "work")
+    result = rtn(loaded.module, None, RTNConfig(bits=4, group_size=32))
+    out = export_hf_dir(result.model, loaded, tmp_path / "hf_model")
+    assert (out / "config.json").is_file() and list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
+    reloaded = load_model(out, work_dir=tmp_path / "work2")
+    ids = torch.randint(0, 100, (2, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.module(**batch), result.model(**batch))

@@ -6,7 +6,6 @@ worker mid-job, and restart a private Redis empty with jobs queued. Every job mu
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -15,55 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from app.cli import ROOT, worker_command
-from tests.conftest import REDIS_URL, ApiClient
+from tests.conftest import REDIS_URL, ApiClient, Workers
 from tests.helpers import files
 
 pytestmark = pytest.mark.services
-
-
-class Workers:
-    """Real `celery worker` processes in their own process groups, logs kept for failures."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir, self.procs = log_dir, []  # type: ignore[var-annotated]
-
-    def start(self, name: str) -> subprocess.Popen[bytes]:
-        log = open(self.log_dir / f"worker-{name}.log", "wb")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
-            worker_command("gpu,cpu", 1, f"{name}@%h"),
-            cwd=ROOT,
-            env=os.environ.copy(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def kill(self, proc: subprocess.Popen[bytes]) -> None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=10)
-
-    def stop_all(self) -> None:
-        for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-        for proc in self.procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-
-    def logs(self) -> str:
-        return "\n".join(p.read_text(errors="replace")[-3000:] for p in self.log_dir.glob("worker-*.log"))
-
-
-@pytest.fixture
-def workers(tmp_path: Path) -> Iterator[Workers]:
-    pool = Workers(tmp_path)
-    yield pool
-    pool.stop_all()
 
 
 @pytest.fixture
@@ -103,9 +57,7 @@ def submit(api: ApiClient, model_id: str, dataset_id: str, **config: object) -> 
     return response.json()["id"]
 
 
-def wait_for(
-    api: ApiClient, job_id: str, done: Callable[[dict], bool], timeout: float, workers: Workers
-) -> dict:
+def wait_for(api: ApiClient, job_id: str, done: Callable[[dict], bool], timeout: float, workers: Workers) -> dict:
     deadline = time.monotonic() + timeout
     job: dict = {}
     while time.monotonic() < deadline:
@@ -242,9 +194,7 @@ def _wait_redis(port: int) -> None:
     raise RuntimeError("private redis did not start")
 
 
-def test_redis_restarted_empty_queued_jobs_are_resent(
-    service_env, make_api, private_redis, workers, tmp_path
-) -> None:  # type: ignore[no-untyped-def]
+def test_redis_restarted_empty_queued_jobs_are_resent(service_env, make_api, private_redis, workers, tmp_path) -> None:  # type: ignore[no-untyped-def]
     import redis
 
     url = private_redis()

