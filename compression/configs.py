@@ -183,7 +183,7 @@ class DataFreeConfig(MethodConfigBase):
     )
     method: Literal["data_free"] = "data_free"
     prune_ratio: float = Field(0.3, ge=0, lt=1)
-    bits: Literal[2, 3, 4, 5, 6, 8] | None = 6
+    bits: Literal[2, 3, 4, 6, 8] | None = 6
     criterion: Literal["l1", "l2"] = "l1"
     compensation: Literal["udfc", "none", "one_to_one"] = Field(
         "udfc",

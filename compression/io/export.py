@@ -87,10 +87,25 @@ def _layer_tensors(layer: WeightLayer, module: nn.Module) -> dict[str, torch.Ten
     return tensors
 
 
+def _add_missing_bias(graph: onnx.GraphProto, layer: WeightLayer, module: nn.Module) -> WeightLayer:
+    """A method gave a bias-free Conv/Gemm a bias (e.g. UDFC's mean correction): add it to the node."""
+    node = graph.node[layer.node_index]
+    if getattr(module, "bias", None) is None or "bias" in layer.initializers:
+        return layer
+    if node.op_type not in ("Conv", "Gemm") or len(node.input) > 2:
+        raise ExportError("export_failed", f"{layer.name}: cannot add a bias to an ONNX {node.op_type} node")
+    name = f"{layer.name}.bias.added"
+    bias = module.bias.detach().cpu().float().numpy()
+    graph.initializer.append(numpy_helper.from_array(bias, name))
+    node.input.append(name)
+    return replace(layer, initializers={**layer.initializers, "bias": name})
+
+
 def sync_initializers(graph: onnx.GraphProto, layers: dict[str, WeightLayer], model: nn.Module) -> None:
     """Write every converted layer's (and constant's) current tensors back into the graph."""
-    for name, layer in layers.items():
+    for name in list(layers):
         module = model.get_submodule(name)
+        layer = layers[name] = _add_missing_bias(graph, layers[name], module)
         for role, tensor in _layer_tensors(layer, module).items():
             _set_initializer(graph, layer.initializers[role], tensor)
     if isinstance(model, OnnxModule):

@@ -13,6 +13,7 @@ ORT 1.32's MatMulNBits refuses bits=3 ("Only 2b, 4b and 8b"), so 3-bit Linear la
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -131,7 +132,7 @@ def _unpack_nodes(packed_name: str, rows: int, padded: int, bits: int, prefix: s
     out = f"{prefix}_u"
     if bits == 8:
         return Subgraph([helper.make_node("Cast", [packed_name], [out], to=onnx.TensorProto.FLOAT)], [])
-    chunk_bytes = 3 if bits == 3 else 1  # 3-bit: 8 codes per 3 bytes; below 2^24, exact in fp32
+    chunk_bytes = bits // math.gcd(8, bits)  # 3- and 6-bit: 3 bytes per chunk; below 2^24, exact in fp32
     per_chunk = chunk_bytes * 8 // bits
     chunks = padded // per_chunk
     byte_weights = (256.0 ** np.arange(chunk_bytes)).astype(np.float32).reshape(chunk_bytes, 1)

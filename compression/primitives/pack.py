@@ -21,7 +21,7 @@ import math
 
 import torch
 
-SUPPORTED_BITS = (2, 3, 4, 8)
+SUPPORTED_BITS = (2, 3, 4, 6, 8)  # 2, 4, 8 in whole-byte lanes; 3 and 6 as a bit stream (3 bytes per chunk)
 
 
 def _check_bits(bits: int) -> None:

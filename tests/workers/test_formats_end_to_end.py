@@ -96,3 +96,30 @@ def test_hugging_face_encoder_through_the_service(service_env, make_api, workers
     assert report["fidelity"]["mean_cosine"] > 0.9
     assert report["compressed"]["size_bytes"] < 0.7 * report["original"]["size_bytes"]
     assert report["export_check"]["passed"] is True
+
+
+def test_data_free_job_with_no_calibration_data(service_env, make_api, workers, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from compression.zoo import fmnist_resnet
+
+    api = _start(service_env, make_api, workers)
+    onnx_path = fmnist_resnet.export_fmnist_onnx(tmp_path / "resnet_bn.onnx", batch_norm=True)
+    model = api.upload("/v1/models", onnx_path).json()
+    images, labels = fmnist_resnet.load_fashion_mnist("test", limit=256)
+    data = tmp_path / "eval.npz"
+    np.savez(data, input=images.numpy(), labels=labels.numpy())
+    evaluation = api.upload("/v1/datasets", data, model_id=model["id"]).json()
+    body = {
+        "model_id": model["id"],
+        "method": "data_free",
+        "config": {"prune_ratio": 0.3, "bits": 6},
+        "evaluation_id": evaluation["id"],
+    }
+    response = api.post("/v1/jobs", json=body)
+    assert response.status_code == 202, response.text
+    job = wait_for(api, response.json()["id"], finished, 300, workers)
+    assert job["status"] == "succeeded", job
+    report = api.get(f"/v1/jobs/{job['id']}/report").json()
+    assert report["data"]["calibration"] is None
+    assert report["compressed"]["params"] < report["original"]["params"]
+    assert any("UDFC" in note or "udfc" in note for note in report["variant_notes"]), report["variant_notes"]
+    assert report["export_check"]["passed"] is True
