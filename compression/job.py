@@ -32,7 +32,9 @@ from compression.evaluate import (
     model_size,
     ort_latency,
 )
+from compression.evaluate.fidelity import spearman_metric
 from compression.io import ExportOptions, LoadedModel, export_artifacts, load_batches, load_model, verify_onnx
+from compression.io.data import read_pairs
 from compression.io.export import sha256_file, write_onnx
 from compression.io.hf import export_hf_dir
 from compression.io.model import InputSpec
@@ -312,6 +314,10 @@ def _evaluate(
     batches = _to_device(eval_data, spec.device)
     try:
         fidelity = compare_outputs(loaded.module, result.model, batches, task=loaded.task)
+        pairs = read_pairs(spec.evaluation_path) if spec.evaluation_path and loaded.tokenizer else None
+        if pairs and loaded.task == "encoder":
+            stages.report(0.4, f"Spearman on {len(pairs)} scored pairs")
+            fidelity["metric"] = spearman_metric(loaded.module, result.model, loaded.tokenizer, pairs, spec.seq_len)
         stages.report(0.6, "per-layer diagnosis")
         few = Batches(inputs=batches.inputs[:4])
         diagnosis = layer_diagnosis(loaded.module, result.model, few, loaded.info.get("quantizable_layers", []))

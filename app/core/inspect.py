@@ -313,10 +313,23 @@ def _inspect_text(path: Path) -> dict[str, Any]:
                 record = json.loads(line)
             except ValueError as exc:
                 raise InspectError("invalid_dataset", f"jsonl line {number} is not JSON") from exc
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise InspectError("invalid_dataset", f"jsonl line {number} has no string field 'text'")
-        return {"format": "jsonl", "samples": len(lines), "characters": len(text)}
+            if not isinstance(record, dict) or not _text_record(record):
+                raise InspectError(
+                    "invalid_dataset", f"jsonl line {number} needs a string 'text' (or 'text_a', 'text_b', 'score')"
+                )
+        pairs = all("text_a" in json.loads(line) for line in lines)
+        return {"format": "jsonl_pairs" if pairs else "jsonl", "samples": len(lines), "characters": len(text)}
     return {"format": "txt", "samples": len(lines), "characters": len(text)}
+
+
+def _text_record(record: dict[str, Any]) -> bool:
+    if isinstance(record.get("text"), str):
+        return True
+    return (
+        isinstance(record.get("text_a"), str)
+        and isinstance(record.get("text_b"), str)
+        and isinstance(record.get("score"), int | float)
+    )
 
 
 def check_dataset_matches_model(

@@ -153,3 +153,44 @@ def metric_drop(metric: dict[str, Any]) -> float | None:
     if original is None or compressed is None or math.isinf(original) or math.isinf(compressed):
         return None
     return original - compressed if metric.get("higher_is_better", True) else compressed - original
+
+
+@torch.no_grad()
+def _embed(module: nn.Module, tokenizer: Any, texts: list[str], seq_len: int, device: torch.device) -> torch.Tensor:
+    chunks = []
+    for start in range(0, len(texts), 32):
+        tokens = tokenizer(
+            texts[start : start + 32], padding=True, truncation=True, max_length=seq_len, return_tensors="pt"
+        )
+        chunks.append(
+            module(input_ids=tokens["input_ids"].to(device), attention_mask=tokens["attention_mask"].to(device))
+            .float()
+            .cpu()
+        )
+    return torch.cat(chunks)
+
+
+def pair_spearman(module: nn.Module, tokenizer: Any, pairs: list[tuple[str, str, float]], seq_len: int = 128) -> float:
+    """Spearman correlation between the cosine of each pair's embeddings and its human score."""
+    from scipy.stats import spearmanr
+
+    device = next(module.parameters()).device
+    a = _embed(module, tokenizer, [p[0] for p in pairs], seq_len, device)
+    b = _embed(module, tokenizer, [p[1] for p in pairs], seq_len, device)
+    cosine = F.cosine_similarity(a, b, dim=-1).numpy()
+    return float(spearmanr(cosine, [p[2] for p in pairs]).statistic)
+
+
+def spearman_metric(
+    original: nn.Module, compressed: nn.Module, tokenizer: Any, pairs: list[tuple[str, str, float]], seq_len: int = 128
+) -> dict[str, Any]:
+    before = pair_spearman(original, tokenizer, pairs, seq_len)
+    after = pair_spearman(compressed, tokenizer, pairs, seq_len)
+    return {
+        "name": "spearman",
+        "higher_is_better": True,
+        "original": before,
+        "compressed": after,
+        "drop": before - after,
+        "pairs": len(pairs),
+    }

@@ -103,15 +103,33 @@ def read_texts(path: Path) -> list[str]:
         if not line.strip():
             continue
         try:
-            texts.append(str(json.loads(line)["text"]))
+            record = json.loads(line)
+            texts.extend(
+                [str(record["text_a"]), str(record["text_b"])] if "text_a" in record else [str(record["text"])]
+            )
         except (ValueError, KeyError, TypeError) as error:
-            raise DatasetError("invalid_dataset", f"line {number}: each JSON line needs a 'text' field") from error
+            raise DatasetError(
+                "invalid_dataset", f"line {number}: each JSON line needs 'text' (or 'text_a', 'text_b', 'score')"
+            ) from error
     return texts
+
+
+def read_pairs(path: Path) -> list[tuple[str, str, float]] | None:
+    """Scored sentence pairs (`.jsonl` with text_a, text_b, score) for Spearman; None for other data."""
+    if path.suffix.lower() not in (".jsonl", ".txt", ".json"):
+        return None
+    try:
+        records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    except (ValueError, UnicodeDecodeError):
+        return None
+    if not records or not all(isinstance(r, dict) and {"text_a", "text_b", "score"} <= set(r) for r in records):
+        return None
+    return [(str(r["text_a"]), str(r["text_b"]), float(r["score"])) for r in records]
 
 
 def _looks_like_jsonl(lines: list[str]) -> bool:
     first = next((line for line in lines if line.strip()), "")
-    return first.lstrip().startswith("{") and '"text"' in first
+    return first.lstrip().startswith("{") and ('"text"' in first or '"text_a"' in first)
 
 
 def causal_lm_windows(tokenizer: object, texts: list[str], seq_len: int) -> torch.Tensor:

@@ -256,15 +256,25 @@ def _masked_mse(output: torch.Tensor, target: torch.Tensor, mask: torch.Tensor |
     return torch.nn.functional.mse_loss(output, target)
 
 
+def _trainable(values: torch.Tensor, device: torch.device, train: bool) -> torch.Tensor:
+    return values.detach().to(device, torch.float32).clone().requires_grad_(train)
+
+
 class _BlockRefiner:
     """Trains S, Z of a block's quantized layers and its norm parameters against the float outputs."""
 
     def __init__(self, context: BlockContext, symmetric: bool) -> None:
         self.context = context
         layers = context.layers.items()
-        self.scales = {n: q.scales.detach().float().clone().requires_grad_(True) for n, (_, q) in layers}
-        self.zeros = {n: q.zeros.detach().float().clone().requires_grad_(not symmetric) for n, (_, q) in layers}
-        norm_params = [p for m in context.block.modules() if _is_norm(m) for p in m.parameters(recurse=False)]
+        self.codes = {n: q.codes.to(m.weight.device) for n, (m, q) in layers}
+        self.scales = {n: _trainable(q.scales, m.weight.device, True) for n, (m, q) in layers}
+        self.zeros = {n: _trainable(q.zeros, m.weight.device, not symmetric) for n, (m, q) in layers}
+        norm_params = [
+            param
+            for name, module in context.block.named_modules()
+            if _is_norm(module) and not name.startswith(context.done_prefixes)
+            for param in module.parameters(recurse=False)
+        ]
         self.norms = list({id(p): p for p in norm_params}.values())
         self.trainable = [*self.scales.values(), *(self.zeros.values() if not symmetric else []), *self.norms]
 
@@ -272,7 +282,7 @@ class _BlockRefiner:
         ctx = self.context
         overrides = {}
         for name, (module, layer) in ctx.layers.items():
-            matrix = dequantize(layer.codes, self.scales[name], self.zeros[name], layer.group_size)
+            matrix = dequantize(self.codes[name], self.scales[name], self.zeros[name], layer.group_size)
             overrides[f"{ctx.local_name(name)}.weight"] = matrix_to_weight(module, matrix).to(module.weight.dtype)
         args, kwargs = ctx.inputs.args[index], ctx.inputs.kwargs[index]
         output = block_output(functional_call(ctx.block, overrides, args, kwargs))
@@ -306,12 +316,14 @@ def refine_block(
         for param in refiner.norms:
             param.requires_grad_(True)
         before = refiner.total_loss()
-        refiner.train(lr, epochs)
+        if before > 0:  # a zero error (e.g. a layer whose output is unused) leaves nothing to fit
+            refiner.train(lr, epochs)
         after = refiner.total_loss()
     finally:
         for param, flag in zip(block_params, flags, strict=True):
             param.requires_grad_(flag)
-    finite = all(torch.isfinite(t).all() for t in [*refiner.scales.values(), *refiner.zeros.values()])
+    trained = [*refiner.scales.values(), *refiner.zeros.values(), *refiner.norms]
+    finite = all(bool(torch.isfinite(t).all()) for t in trained) and math.isfinite(after)
     kept = finite and after < before
     log[context.prefix or "<model>"] = {"mse_before": before, "mse_after": after, "kept": kept}
     if not kept:
@@ -320,7 +332,7 @@ def refine_block(
                 param.copy_(saved)
         return {}
     return {
-        name: replace(layer, scales=refiner.scales[name].detach(), zeros=refiner.zeros[name].detach())
+        name: replace(layer, scales=refiner.scales[name].detach().cpu(), zeros=refiner.zeros[name].detach().cpu())
         for name, (_, layer) in context.layers.items()
     }
 

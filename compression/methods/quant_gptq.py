@@ -71,11 +71,7 @@ def gptq_round(
         for i in range(stop - start):
             col = start + i
             if refresh is not None and col % group_size == 0:
-                current = (
-                    block[:, i : i + group_size]
-                    if group_size <= block_size
-                    else work[:, col : col + group_size]
-                )
+                current = block[:, i : i + group_size] if group_size <= block_size else work[:, col : col + group_size]
                 refresh(col, current)
             scale, zero = scale_cols[:, col], zero_cols[:, col]
             code = torch.floor((block[:, i] - zero) / scale + 0.5).clamp_(lo, hi)
@@ -158,13 +154,9 @@ def compress(
         act_order=config.act_order,
         block_size=config.block_size,
     )
-    result = quantize_weights(
-        model, calib, config, quantize_matrix, needs_calibration=True, progress=progress
-    )
+    result = quantize_weights(model, calib, config, quantize_matrix, needs_calibration=True, progress=progress)
     variant = "act-order, static groups" if config.act_order else "dynamic groups"
-    result.notes.append(
-        f"GPTQ ({variant}), damping {config.damp_percent}, lazy batches of {config.block_size}"
-    )
+    result.notes.append(f"GPTQ ({variant}), damping {config.damp_percent}, lazy batches of {config.block_size}")
     return result
 
 

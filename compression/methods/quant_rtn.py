@@ -31,8 +31,6 @@ def compress(
     def quantize_matrix(weight: torch.Tensor, hessian: torch.Tensor | None) -> tuple:
         return rtn_quantize(weight, config.bits, config.group_size, config.symmetric)
 
-    result = quantize_weights(
-        model, calib, config, quantize_matrix, needs_calibration=False, progress=progress
-    )
+    result = quantize_weights(model, calib, config, quantize_matrix, needs_calibration=False, progress=progress)
     result.notes.append("round to nearest, min/max range per group")
     return result

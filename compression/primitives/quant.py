@@ -13,6 +13,8 @@ import math
 
 import torch
 
+from compression.types import QuantizedLayer
+
 
 def code_range(bits: int) -> tuple[int, int]:
     """Smallest and largest signed code at `bits` bits."""
@@ -78,14 +80,20 @@ def quantize(
     return codes.to(torch.int8)
 
 
-def dequantize(
-    codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None
-) -> torch.Tensor:
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None) -> torch.Tensor:
     """codes·S + Z as float32 `[out, cols]` (the same arithmetic as `QuantizedLayer.dequantize`)."""
     cols = codes.shape[1]
     return codes.float() * expand_groups(scales.float(), cols, group_size) + expand_groups(
         zeros.float(), cols, group_size
     )
+
+
+def dequantize_layer(layer: QuantizedLayer, device: torch.device | str | None = None) -> torch.Tensor:
+    """`layer.dequantize()` as an `[out, in_flat]` matrix computed on `device` (same arithmetic, so the
+    same float values; QuantizedLayer keeps its tensors on the CPU)."""
+    device = device or layer.codes.device
+    codes, scales, zeros = (t.to(device) for t in (layer.codes, layer.scales, layer.zeros))
+    return dequantize(codes, scales, zeros, layer.group_size)
 
 
 def round_to_nearest(
@@ -112,24 +120,32 @@ def shrink_search(
     hessian: torch.Tensor | None = None,
     grid: int = 200,
     max_shrink: float = 0.8,
-    step: int = 2,
+    coarse_step: int = 8,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Range clamp: shrink each range by p = 1 - k/grid (k < max_shrink·grid, every `step`-th k) and keep
-    the best p per row under the H-weighted error (all groups of a row share p, as decoupleQ does).
+    """Range clamp: shrink each row's ranges by p = 1 - k/grid (0 <= k < max_shrink·grid) and keep the
+    best p per row under the H-weighted error (all groups of a row share p, as decoupleQ does).
+
+    Coarse to fine: every `coarse_step`-th k first, then every k within ±coarse_step of each row's best
+    (about grid·max_shrink/coarse_step + 2·coarse_step evaluations instead of grid·max_shrink).
     Candidates are ranked in float32 (only their order matters).
     """
     hessian = None if hessian is None else hessian.float()
-    best_err = torch.full((weight.shape[0],), float("inf"), dtype=torch.float64, device=weight.device)
-    best_s, best_z = minmax_params(weight, bits, group_size, symmetric)
-    for k in range(0, int(max_shrink * grid), step):
-        scales, zeros = minmax_params(weight, bits, group_size, symmetric, 1 - k / grid)
-        approx = dequantize(quantize(weight, scales, zeros, bits, group_size), scales, zeros, group_size)
-        err = row_errors(approx - weight.float(), hessian).to(best_err.dtype)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_s = torch.where(better[:, None], scales, best_s)
-        best_z = torch.where(better[:, None], zeros, best_z)
-    return best_s, best_z
+    rows, limit = weight.shape[0], int(max_shrink * grid) - 1
+    best_k = torch.zeros(rows, 1, device=weight.device)
+    best_err = torch.full((rows,), float("inf"), dtype=torch.float64, device=weight.device)
+    coarse = [torch.full((rows, 1), float(k), device=weight.device) for k in range(0, limit + 1, coarse_step)]
+    for candidates in (coarse, None):
+        if candidates is None:
+            offsets = [o for o in range(-coarse_step + 1, coarse_step) if o != 0]
+            candidates = [(best_k + o).clamp(0, limit) for o in offsets]
+        for k in candidates:
+            scales, zeros = minmax_params(weight, bits, group_size, symmetric, 1 - k / grid)
+            approx = dequantize(quantize(weight, scales, zeros, bits, group_size), scales, zeros, group_size)
+            err = row_errors(approx - weight.float(), hessian).to(best_err.dtype)
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best_k = torch.where(better[:, None], k, best_k)
+    return minmax_params(weight, bits, group_size, symmetric, 1 - best_k / grid)
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -26,7 +26,8 @@ import torch
 from torch import nn
 
 from compression.primitives.hessian import HessianAccumulator
-from compression.primitives.layers import find_layers, get_weight_matrix, set_weight_matrix
+from compression.primitives.layers import find_layers, set_weight_matrix
+from compression.primitives.quant import dequantize_layer
 from compression.types import Batches, QuantizedLayer
 
 QuantizeLayerFn = Callable[[str, nn.Module, torch.Tensor], QuantizedLayer]
@@ -53,6 +54,7 @@ class BlockContext:
     inputs: BlockInputs
     float_outputs: list[torch.Tensor]
     layers: dict[str, tuple[nn.Module, QuantizedLayer]]  # full name -> (module, layer)
+    done_prefixes: tuple[str, ...] = ()  # submodules (local names) already refined as blocks of their own
 
     def local_name(self, name: str) -> str:
         return name[len(self.prefix) + 1 :] if self.prefix else name
@@ -152,9 +154,7 @@ def capture_block_inputs(
 
         return hook
 
-    handles = [
-        block.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, block in enumerate(blocks)
-    ]
+    handles = [block.register_forward_pre_hook(make_hook(i), with_kwargs=True) for i, block in enumerate(blocks)]
     try:
         for batch in batches:
             model(**batch)
@@ -259,6 +259,7 @@ def quantize_block(
     layers: dict[str, nn.Module],
     quantize_layer: QuantizeLayerFn,
     refine: RefineBlockFn | None = None,
+    done_prefixes: tuple[str, ...] = (),
 ) -> dict[str, QuantizedLayer]:
     """Quantize `layers` (full names -> modules inside `block`) stage by stage; the block's weights are
     overwritten with the dequantized values. Layers the block never calls are left out of the result."""
@@ -275,7 +276,7 @@ def quantize_block(
             _write_dequantized(layers[name], done[name])
     if refine is not None and done:
         quantized = {name: (layers[name], layer) for name, layer in done.items()}
-        context = BlockContext(block, prefix, inputs, float_outputs, quantized)
+        context = BlockContext(block, prefix, inputs, float_outputs, quantized, done_prefixes)
         done.update(refine(context))
         for name, layer in done.items():
             _write_dequantized(layers[name], layer)
@@ -283,8 +284,7 @@ def quantize_block(
 
 
 def _write_dequantized(module: nn.Module, layer: QuantizedLayer) -> None:
-    rows = get_weight_matrix(module).shape[0]
-    set_weight_matrix(module, layer.dequantize().reshape(rows, -1))
+    set_weight_matrix(module, dequantize_layer(layer, module.weight.device))
 
 
 def quantize_sequentially(
@@ -315,5 +315,6 @@ def quantize_sequentially(
         hidden = run_block(block, inputs)
         captured[index] = inputs = BlockInputs()  # free this block's arguments
     if rest:
-        done.update(quantize_block(model, "", whole_model_inputs(batches), rest, quantize_layer, refine))
+        inputs = whole_model_inputs(batches)
+        done.update(quantize_block(model, "", inputs, rest, quantize_layer, refine, (blocks_name + ".",)))
     return done, f"{len(blocks)} blocks under '{blocks_name}'"

@@ -31,13 +31,11 @@ from compression.primitives.layers import (
     set_weight_matrix,
     tied_weight_owner,
 )
-from compression.primitives.quant import round_to_nearest
+from compression.primitives.quant import dequantize_layer, round_to_nearest
 from compression.primitives.sequential import RefineBlockFn, quantize_sequentially
 from compression.types import Batches, CompressionResult, ProgressFn, QuantizedLayer, no_progress
 
-MatrixQuantizer = Callable[
-    [torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-]
+MatrixQuantizer = Callable[[torch.Tensor, torch.Tensor | None], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 """(weight [out, d] float32, Hessian [d, d] float64 or None) -> (codes int8, S, Z [out, n_groups])."""
 
 
@@ -60,16 +58,10 @@ def plan_layers(model: nn.Module, config: QuantizerFields) -> LayerPlan:
         elif tied is not None:
             plan.skipped[name] = f"weight tied to {tied}: follows that layer"
         elif layer_kind(module) == "embedding" or name == head:
-            what, bits = (
-                ("embedding", config.quantize_embeddings) if name != head else ("head", config.quantize_head)
-            )
+            what, bits = ("embedding", config.quantize_embeddings) if name != head else ("head", config.quantize_head)
             if bits is None:
-                plan.skipped[name] = (
-                    f"{'embedding table' if what == 'embedding' else 'output head'} kept in float"
-                )
-                plan.skipped[name] += (
-                    f" (config.quantize_{'embeddings' if what == 'embedding' else 'head'} is null)"
-                )
+                plan.skipped[name] = f"{'embedding table' if what == 'embedding' else 'output head'} kept in float"
+                plan.skipped[name] += f" (config.quantize_{'embeddings' if what == 'embedding' else 'head'} is null)"
             else:
                 plan.rtn_extra[name] = (module, bits)
         elif is_depthwise(module):
@@ -99,9 +91,7 @@ class _Progress:
         fraction = min(1.0, self.done / self.total)
         elapsed = time.perf_counter() - self.start
         eta = elapsed / fraction * (1 - fraction) if fraction > 0 else 0.0
-        self.report(
-            0.95 * fraction, f"{self.method}: {self.layers}/{self.count} layers, {name} done, ETA {eta:.0f} s"
-        )
+        self.report(0.95 * fraction, f"{self.method}: {self.layers}/{self.count} layers, {name} done, ETA {eta:.0f} s")
 
 
 def quantize_module(
@@ -117,14 +107,12 @@ def quantize_module(
     codes, scales, zeros = (torch.cat([part[i] for part in parts], dim=0) for i in range(3))
     kind = layer_kind(module) or "linear"
     shape = tuple(weight.shape) if kind == "conv1d_hf" else tuple(module.weight.shape)
-    return QuantizedLayer(name, kind, config.bits, config.group_size, codes, scales, zeros, shape)
+    return QuantizedLayer(name, kind, config.bits, config.group_size, codes.cpu(), scales.cpu(), zeros.cpu(), shape)
 
 
-def layer_stats(
-    module: nn.Module, layer: QuantizedLayer, hessian: torch.Tensor | None, seconds: float
-) -> dict:
+def layer_stats(module: nn.Module, layer: QuantizedLayer, hessian: torch.Tensor | None, seconds: float) -> dict:
     weight = get_weight_matrix(module).float()
-    approx = layer.dequantize().reshape(weight.shape).to(weight.device)
+    approx = dequantize_layer(layer, weight.device)
     stats: dict[str, Any] = {"kind": layer.kind, "shape": list(layer.orig_shape), "time_s": round(seconds, 4)}
     stats["weight_rel_error"] = ((approx - weight).norm() / weight.norm().clamp_min(1e-30)).item() ** 2
     if hessian is not None:
@@ -140,8 +128,8 @@ def _quantize_extra(plan: LayerPlan, config: QuantizerFields) -> dict[str, Quant
         codes, scales, zeros = round_to_nearest(weight, bits, config.group_size, config.symmetric)
         kind = layer_kind(module) or "linear"
         shape = tuple(weight.shape) if kind == "conv1d_hf" else tuple(module.weight.shape)
-        done[name] = QuantizedLayer(name, kind, bits, config.group_size, codes, scales, zeros, shape)
-        set_weight_matrix(module, done[name].dequantize().reshape(weight.shape))
+        done[name] = QuantizedLayer(name, kind, bits, config.group_size, codes.cpu(), scales.cpu(), zeros.cpu(), shape)
+        set_weight_matrix(module, dequantize_layer(done[name], weight.device))
     return done
 
 
@@ -205,22 +193,18 @@ def quantize_weights(
     stats = _summary(layer_info, quantized, plan, how)
     stats.update(_resource_stats(start, next(work.parameters()).device))
     report(1.0, f"{config.method}: {len(quantized)} layers quantized in {stats['wall_time_s']:.1f} s")
-    return CompressionResult(
-        model=work, method=config.method, quantized=quantized, skipped=plan.skipped, stats=stats
-    )
+    return CompressionResult(model=work, method=config.method, quantized=quantized, skipped=plan.skipped, stats=stats)
 
 
 def _quantize_without_data(plan: LayerPlan, quantize_layer: Callable) -> dict[str, QuantizedLayer]:
     done = {}
     for name, module in plan.quantize.items():
         done[name] = quantize_layer(name, module, None)
-        set_weight_matrix(module, done[name].dequantize().reshape(get_weight_matrix(module).shape))
+        set_weight_matrix(module, dequantize_layer(done[name], module.weight.device))
     return done
 
 
-def _summary(
-    layer_info: dict, quantized: dict[str, QuantizedLayer], plan: LayerPlan, how: str
-) -> dict[str, Any]:
+def _summary(layer_info: dict, quantized: dict[str, QuantizedLayer], plan: LayerPlan, how: str) -> dict[str, Any]:
     rel_losses = [info["rel_loss"] for info in layer_info.values() if "rel_loss" in info]
     return {
         "layers": layer_info,

