@@ -36,6 +36,9 @@ def get_project(session: SessionDep, authorization: Annotated[str | None, Header
     if scheme.lower() != "bearer" or not key.strip():
         raise APIError(401, "missing_api_key", "send 'Authorization: Bearer <api key>'")
     project = crud.project_for_key(session=session, key=key.strip())
+    # Hand the connection back to the pool now: a route that opens its own sessions (the long-poll) must
+    # not hold two connections at once, or many concurrent requests can exhaust the pool and wait on it.
+    session.close()
     if project is None:
         raise APIError(401, "invalid_api_key", "unknown or revoked API key")
     return project
