@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from compression.configs import CONFIG_CLASSES, Gate, MethodConfigBase, parse_config
+from compression.configs import CONFIG_CLASSES, Gate, MethodConfigBase, MixedPrecisionConfig, parse_config
 from compression.errors import CompressionError
 from compression.evaluate import (
     check_gate,
@@ -237,19 +237,21 @@ def _example(batches: Batches, rows: int = 8) -> dict[str, torch.Tensor]:
     return {name: tensor[:rows].cpu() for name, tensor in batches.inputs[0].items()}
 
 
+def _method_reason(result: CompressionResult, name: str) -> str | None:
+    """The method's own explanation of a layer, when it gives one (mixed precision does)."""
+    layers = result.stats.get("layers")
+    entry = layers.get(name) if isinstance(layers, dict) else None
+    return entry.get("reason") if isinstance(entry, dict) else None
+
+
 def _layer_rows(result: CompressionResult, loaded: LoadedModel) -> list[dict[str, Any]]:
     rows = []
     for name in loaded.info.get("quantizable_layers", []):
         if name in result.quantized:
             q = result.quantized[name]
+            reason = _method_reason(result, name)
             rows.append(
-                {
-                    "name": name,
-                    "bits": q.bits,
-                    "group_size": q.group_size,
-                    "status": "quantized",
-                    "reason": None,
-                }
+                {"name": name, "bits": q.bits, "group_size": q.group_size, "status": "quantized", "reason": reason}
             )
         else:
             reason = result.skipped.get(name, "left unchanged by the method")
@@ -513,13 +515,52 @@ def build_report(
     return json_safe(report)
 
 
+def _adapt_config(config: MethodConfigBase, loaded: LoadedModel) -> MethodConfigBase:
+    """Method settings that follow from the model: mixed precision scores encoders by embedding cosine."""
+    if isinstance(config, MixedPrecisionConfig) and config.task_metric == "auto" and loaded.task == "encoder":
+        return config.model_copy(update={"task_metric": "cosine"})
+    return config
+
+
+def _gate_picks_pareto_point(
+    result: CompressionResult, loaded: LoadedModel, calib: Batches | None, config: MethodConfigBase, spec: JobSpec
+) -> CompressionResult:
+    """For a mixed-precision sweep with a metric gate: ship the cheapest measured point that passes."""
+    from compression.methods.mixed_precision import apply_allocation, pick_cheapest_passing
+
+    points = result.stats.get("pareto") or []
+    gate = Gate(**spec.gate) if spec.gate else None
+    if not isinstance(config, MixedPrecisionConfig) or len(points) < 2 or gate is None or calib is None:
+        return result
+    if gate.max_metric_drop is None:
+        return result
+    chosen = pick_cheapest_passing(points, gate.max_metric_drop, gate.drop_is_relative)
+    if chosen is None:
+        result.notes.append("no Pareto point passed the metric gate on calibration data: shipped budget_bits")
+        return result
+    for point in points:
+        point["chosen"] = point is chosen
+    if chosen["budget"] == config.budget_bits:
+        return result
+    picked = apply_allocation(loaded.module, calib, config, chosen["allocation"])
+    picked.stats = {**result.stats, **picked.stats, "chosen_budget": chosen["budget"]}
+    picked.notes = [
+        *result.notes,
+        f"the gate picked budget {chosen['budget']} ({chosen['avg_bits']:.2f} average "
+        "bits): the cheapest sweep point whose measured metric drop passed",
+    ]
+    return picked
+
+
 def run_job(spec: JobSpec, *, progress: ProgressCallback, should_cancel: Callable[[], bool]) -> JobOutput:
     """Run one job: load, compress, evaluate, export, benchmark. Raises JobError with a stable code."""
     spec.work_dir = Path(spec.work_dir)
     spec.work_dir.mkdir(parents=True, exist_ok=True)
     stages = _Stages(progress, should_cancel)
     loaded, config, method_data, eval_data, data_section = _loaded_inputs(spec, stages)
+    config = _adapt_config(config, loaded)
     result = _compress(loaded, method_data, config, spec, stages)
+    result = _gate_picks_pareto_point(result, loaded, method_data, config, spec)
     measured = _evaluate(loaded, result, eval_data, spec, stages)
     artifacts, export_check = _export(loaded, result, eval_data, spec, config, data_section, stages)
     latency, baseline = _benchmark(loaded, artifacts, eval_data, spec, stages)

@@ -56,6 +56,43 @@ def layer_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
     return [{**r, "w": max(2.0, 300 * max(r["sqnr_db"], 0) / top)} for r in finite]
 
 
+def pareto_plot(report: dict[str, Any]) -> dict[str, Any] | None:
+    """Mixed-precision sweep points (average bits vs measured metric) scaled into a 600x240 plot."""
+    points = [p for p in (report.get("stats") or {}).get("pareto") or [] if isinstance(p, dict)]
+    measured = [(p.get("avg_bits"), _pareto_metric(p), p) for p in points]
+    measured = [(x, y, p) for x, y, p in measured if isinstance(x, int | float) and isinstance(y, int | float)]
+    if len(measured) < 2:
+        return None
+    xs, ys = [m[0] for m in measured], [m[1] for m in measured]
+    x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+
+    def scale(value: float, low: float, high: float, size: float) -> float:
+        return 40 + size * (value - low) / ((high - low) or 1.0)
+
+    dots = [
+        {
+            "x": scale(x, x0, x1, 520),
+            "y": 220 - scale(y, y0, y1, 180) + 40,
+            "bits": x,
+            "metric": y,
+            "budget": p.get("budget"),
+            "chosen": bool(p.get("chosen")),
+        }
+        for x, y, p in sorted(measured)
+    ]
+    return {
+        "dots": dots,
+        "label": "task metric" if measured[0][2]["measured"].get("task_metric") is not None else "output SQNR (dB)",
+    }
+
+
+def _pareto_metric(point: dict[str, Any]) -> Any:
+    measured = point.get("measured") or {}
+    return measured.get("task_metric", measured.get("sqnr_db"))
+
+
 def render_report_html(*, job: Job, report: dict[str, Any]) -> str:
     template = _env().get_template("report.html.j2")
-    return template.render(job=job, report=report, bars=bar_pairs(report), layers=layer_rows(report))
+    return template.render(
+        job=job, report=report, bars=bar_pairs(report), layers=layer_rows(report), pareto=pareto_plot(report)
+    )

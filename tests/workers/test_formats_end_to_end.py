@@ -132,3 +132,34 @@ def test_data_free_job_with_no_calibration_data(service_env, make_api, workers, 
     assert report["compressed"]["params"] < report["original"]["params"]
     assert any("UDFC" in note or "udfc" in note for note in report["variant_notes"]), report["variant_notes"]
     assert report["export_check"]["passed"] is True
+
+
+def test_mixed_precision_sweep_through_the_service(service_env, make_api, workers, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from compression.zoo import fmnist_resnet
+
+    api = _start(service_env, make_api, workers)
+    model = api.upload("/v1/models", fmnist_resnet.export_fmnist_onnx(tmp_path / "resnet.onnx")).json()
+    images, labels = fmnist_resnet.load_fashion_mnist("test", limit=256)
+    data = tmp_path / "calib.npz"
+    np.savez(data, input=images.numpy(), labels=labels.numpy())
+    dataset = api.upload("/v1/datasets", data, model_id=model["id"]).json()
+    config = {"budget_bits": 3.5, "budgets": [2.5, 3.0, 3.5], "quantizer": "rtn", "group_size": None}
+    body = {
+        "model_id": model["id"],
+        "method": "mixed_precision",
+        "config": config,
+        "calibration_id": dataset["id"],
+        "evaluation_id": dataset["id"],
+        "gate": {"max_metric_drop": 0.05},
+    }
+    job = wait_for(api, api.post("/v1/jobs", json=body).json()["id"], finished, 600, workers)
+    assert job["status"] == "succeeded", job
+    report = api.get(f"/v1/jobs/{job['id']}/report").json()
+    points = report["stats"]["pareto"]
+    assert [p["budget"] for p in points] == [2.5, 3.0, 3.5]
+    assert all(p["avg_bits"] <= p["budget"] + 1e-6 and "task_metric" in p["measured"] for p in points)
+    layers = {row["name"]: row for row in report["layers"] if row["status"] == "quantized"}
+    assert len({row["bits"] for row in layers.values()}) > 1, "a mixed allocation, not a uniform one"
+    assert all(row["reason"] for row in layers.values())
+    html = api.get(f"/v1/jobs/{job['id']}/report.html").text
+    assert "Pareto sweep" in html and "<circle" in html
