@@ -83,10 +83,23 @@ def _is_pickle(head: bytes) -> bool:
     return len(head) > 2 and head[0] == 0x80 and 2 <= head[1] <= 5
 
 
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
+
+
 def _is_tar(path: Path) -> bool:
+    """A POSIX/GNU tar by its `ustar` magic, or a compressed stream that opens as a tar.
+
+    `tarfile.is_tarfile` alone would scan a whole large non-tar file (a run of zero blocks reads as an
+    empty archive), so plain files are judged by their header.
+    """
+    head = _head(path, 512)
+    if head[257:262] == b"ustar":
+        return True
+    if not head.startswith(_COMPRESSED_MAGIC):
+        return False
     try:
         return tarfile.is_tarfile(path)
-    except OSError:
+    except (OSError, EOFError):
         return False
 
 
