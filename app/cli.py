@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
     create_key.add_argument("--project", required=True)
     create_key.set_defaults(func=cmd_create_key)
     demo = sub.add_parser("demo", help="end to end on the embedded default: build, upload, compress, report")
-    demo.add_argument("--method", default="quant_rtn")
+    demo.add_argument("--method", default="quant_decoupleq")
     demo.add_argument("--config", default=None, help="method config as JSON")
     demo.add_argument("--port", type=int, default=8765)
     demo.set_defaults(func=cmd_demo)
@@ -183,6 +183,7 @@ def _add_client_commands(sub: argparse._SubParsersAction) -> None:  # type: igno
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     args = build_parser().parse_args(argv)
     return int(args.func(args) or 0)
 

@@ -88,7 +88,7 @@ def run_demo(*, method: str, config_json: str | None, port: int) -> int:
     )
     try:
         _wait_ready(url, server)
-        config = config_json or json.dumps({"bits": 4, "group_size": None})
+        config = config_json or json.dumps({"bits": 4, "group_size": 64})
         args = argparse.Namespace(
             model=model_path,
             method=method,
@@ -109,7 +109,11 @@ def run_demo(*, method: str, config_json: str | None, port: int) -> int:
         )
         code = cmd_compress(args)
         print(f"artifacts, report.json and junit.xml in {args.out}; server log in {DEMO_DIR / 'server.log'}")
-        print(f"HTML report: {url}/v1/jobs/<id>/report.html (Authorization: Bearer {key})")
+        jobs = httpx.get(f"{url}/v1/jobs?limit=1", headers={"Authorization": f"Bearer {key}"}).json()["items"]
+        if jobs:
+            html = httpx.get(f"{url}/v1/jobs/{jobs[0]['id']}/report.html", headers={"Authorization": f"Bearer {key}"})
+            (args.out / "report.html").write_text(html.text)
+            print(f"HTML report in {args.out / 'report.html'}")
         return code
     finally:
         server.terminate()
