@@ -146,6 +146,18 @@ def dry_run(
     )
 
 
+def raise_if_preflight_failed(result: PreflightOut) -> None:
+    """A failed pre-flight is a 422 whose code names the first failed check (`unsupported_operator`, ...)."""
+    failed = [c for c in result.checks if not c["ok"]]
+    if not failed:
+        return
+    first = failed[0]
+    prefix, _, rest = str(first["message"]).partition(": ")
+    code = prefix if rest and prefix.replace("_", "").isalpha() and prefix.islower() else None
+    code = code or {"calibration_present": "calibration_required"}.get(first["name"], "preflight_failed")
+    raise APIError(422, code, "; ".join(str(c["message"]) for c in failed), result.model_dump(mode="json"))
+
+
 def request_hash(body: JobCreate) -> str:
     return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
 

@@ -177,8 +177,8 @@ def test_cancel_queued_job_and_refuse_cancel_of_finished(api, onnx_model) -> Non
 def test_dry_run_preflight_records_nothing(api, onnx_model) -> None:  # type: ignore[no-untyped-def]
     body = {"model_id": onnx_model["id"], "method": "quant_gptq", "config": {"bits": 2}}
     response = api.post("/v1/jobs?dry_run=true", json=body)
-    assert response.status_code == 200
-    result = response.json()
+    assert response.status_code == 422 and _error_code(response) == "calibration_required"
+    result = response.json()["error"]["details"]
     assert result["ok"] is False
     assert {c["name"]: c["ok"] for c in result["checks"]}["calibration_present"] is False
     assert result["estimate"]["peak_memory_bytes"] > 0
@@ -263,7 +263,9 @@ def test_dry_run_loads_the_model_for_real(api, onnx_model, tmp_path) -> None:  #
     assert checks["model_loads"]["ok"] and checks["exportable"]["ok"]
     assert result["details"]["quantizable_layers"] == 2 and result["estimate"]
     odd = api.upload("/v1/models", files.onnx_with_op(tmp_path / "odd.onnx", "Hardmax")).json()
-    result = api.post("/v1/jobs?dry_run=true", json={"model_id": odd["id"], "method": "quant_rtn"}).json()
+    response = api.post("/v1/jobs?dry_run=true", json={"model_id": odd["id"], "method": "quant_rtn"})
+    assert response.status_code == 422 and _error_code(response) == "unsupported_operator"
+    result = response.json()["error"]["details"]
     assert result["ok"] is False
     failed = next(c for c in result["checks"] if not c["ok"])
     assert "unsupported_operator" in failed["message"] and "Hardmax" in failed["message"]

@@ -45,9 +45,11 @@ def create_job(
     checks = jobflow.preflight_checks(model=model, config=config, calibration=calibration, evaluation=evaluation)
     if dry_run:
         response.status_code = 200
-        return jobflow.dry_run(
+        result = jobflow.dry_run(
             store=store, model=model, config=config, calibration=calibration, evaluation=evaluation, checks=checks
         )
+        jobflow.raise_if_preflight_failed(result)
+        return result
     jobflow.raise_on_failed_checks(checks)
     job, created = jobflow.create_job(
         session=session, project=project, body=body, config=config, idempotency_key=idempotency_key
