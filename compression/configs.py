@@ -178,9 +178,7 @@ class MixedPrecisionConfig(MethodConfigBase):
 
 class DataFreeConfig(MethodConfigBase):
     needs_calibration: ClassVar[bool] = False
-    summary: ClassVar[str] = (
-        "UDFC: data-free pruning and quantization with closed-form compensation in the next layer."
-    )
+    summary: ClassVar[str] = "UDFC: data-free pruning and quantization with closed-form compensation in the next layer."
     method: Literal["data_free"] = "data_free"
     prune_ratio: float = Field(0.3, ge=0, lt=1)
     bits: Literal[2, 3, 4, 6, 8] | None = 6
@@ -190,15 +188,11 @@ class DataFreeConfig(MethodConfigBase):
         description="udfc: each pruned channel rebuilt from all kept channels (paper Eq. 20); "
         "none: plain pruning; one_to_one: Neuron-Merging-style single most similar partner.",
     )
-    alpha1: float = Field(
-        0.01, ge=0, description="Weight of the folded-bias term in the pruning fit (paper: 0.01)."
-    )
+    alpha1: float = Field(0.01, ge=0, description="Weight of the folded-bias term in the pruning fit (paper: 0.01).")
     alpha2: float = Field(
         0.008, ge=0, description="Weight of the folded-bias term in the quantization scale (paper: 0.008)."
     )
-    ridge: float = Field(
-        1e-4, ge=0, description="Ridge term for ill-conditioned fits, relative to mean diag(Gram)."
-    )
+    ridge: float = Field(1e-4, ge=0, description="Ridge term for ill-conditioned fits, relative to mean diag(Gram).")
     nonnegative: bool = Field(
         False, description="Constrain the pruning coefficients to be >= 0 (NNLS). Not in the paper."
     )

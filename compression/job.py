@@ -21,8 +21,16 @@ from typing import Any
 
 import torch
 from pydantic import ValidationError
+from torch import nn
 
-from compression.configs import CONFIG_CLASSES, Gate, MethodConfigBase, MixedPrecisionConfig, parse_config
+from compression.configs import (
+    CONFIG_CLASSES,
+    Gate,
+    MethodConfigBase,
+    MixedPrecisionConfig,
+    PruneStructuredConfig,
+    parse_config,
+)
 from compression.errors import CompressionError
 from compression.evaluate import (
     check_gate,
@@ -296,7 +304,15 @@ def _compress(
 
     stages.start("compress", f"running {config.method}")
     try:
-        result = compress(loaded.module.to(spec.device), _to_device(calib, spec.device), config, progress=stages.report)
+        if isinstance(config, PruneStructuredConfig) and config.target.metric == "latency" and calib is not None:
+            from compression.methods.prune_structured import prune_structured
+
+            hook = _ort_latency_hook(loaded, calib, spec)
+            result = prune_structured(loaded.module, calib, config, measure_latency=hook, progress=stages.report)
+        else:
+            result = compress(
+                loaded.module.to(spec.device), _to_device(calib, spec.device), config, progress=stages.report
+            )
     except JobError:
         raise
     except CompressionError as error:
@@ -307,6 +323,25 @@ def _compress(
         raise JobError("compression_failed", f"{config.method} failed: {type(error).__name__}: {error}") from error
     stages.end()
     return result
+
+
+def _ort_latency_hook(loaded: LoadedModel, calib: Batches, spec: JobSpec) -> Callable[[nn.Module], float]:
+    """measure_latency(model) for a latency target: export the candidate and time it in ONNX Runtime
+    at batch 32, the same way the benchmark stage times the shipped model."""
+    example = _example(calib, 8)
+    feeds = {name: t.numpy() for name, t in _example(calib, 32).items()}
+    counter = iter(range(10**6))
+
+    def measure(model: nn.Module) -> float:
+        path = spec.work_dir / f"latency_probe_{next(counter)}.onnx"
+        write_onnx(CompressionResult(model=model, method="probe"), loaded, path, example)
+        budget = min(2.0, spec.benchmark_budget_s)
+        # best of two medians: the first session on a busy machine often runs cold
+        runs = [ort_latency(path, feeds, batch_sizes=(32,), budget_s=budget) for _ in range(2)]
+        path.unlink(missing_ok=True)
+        return min(next(iter(r["batches"].values()))["median_ms"] for r in runs) / 1000.0
+
+    return measure
 
 
 def _evaluate(
@@ -582,6 +617,54 @@ _METHOD_COST = {
 }
 
 
+def _dependency_check(loaded: LoadedModel, sample: Batches, config: MethodConfigBase) -> dict[str, Any]:
+    """Structured pruning needs a dependency graph: trace it now, and for CNNs remove one channel of every
+    group from a copy and run it, so a model with hard-coded channel counts fails here, not in the worker."""
+    import copy
+
+    from compression.primitives import depgraph
+    from compression.primitives.layers import matches_any
+
+    def protected(name: str) -> bool:
+        return matches_any(name, config.skip_layers)
+
+    try:
+        if depgraph.build_transformer_groups(loaded.module, protected) is not None:
+            return _check("dependency_graph", True, "attention heads and MLP neurons found")
+        trial = copy.deepcopy(loaded.module)
+        scan = depgraph.build_cnn_groups(trial, sample.inputs[0], protected)
+        for group in scan.groups:
+            depgraph.prune_group(trial, group, [0])
+        _trial_forward(trial, sample.inputs[0])
+    except CompressionError as error:
+        return _check("dependency_graph", False, f"{error.code}: {error.message}")
+    ok = bool(scan.groups)
+    message = f"{len(scan.groups)} prunable channel groups" if ok else "nothing_to_prune: no prunable channel group"
+    return _check("dependency_graph", ok, message)
+
+
+def _trial_forward(model: nn.Module, batch: dict[str, torch.Tensor]) -> None:
+    failed: list[str] = []
+
+    def remember(name: str) -> Callable[..., None]:
+        return lambda *_: failed.append(name)
+
+    hooks = [m.register_forward_pre_hook(remember(n)) for n, m in model.named_modules() if not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    except Exception as error:
+        where = failed[-1] if failed else "the model"
+        raise CompressionError(
+            "untraceable_model",
+            f"removing one channel per group breaks module {where!r}: {error} (an operator with a fixed channel "
+            "count, such as a hard-coded Reshape or channel shuffle); add it to skip_layers or use quantization",
+        ) from error
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 def _check(name: str, ok: bool, message: str) -> dict[str, Any]:
     return {"name": name, "ok": bool(ok), "message": message}
 
@@ -676,6 +759,8 @@ def preflight(
             checks.append(check)
             sample = sample or batches
     sample = sample or _synthetic_batches(loaded.input_specs, loaded, 4, 64)
+    if parsed.method == "prune_structured":
+        checks.append(_dependency_check(loaded, sample, parsed))
     return {
         "ok": all(c["ok"] for c in checks),
         "checks": checks,

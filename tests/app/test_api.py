@@ -269,3 +269,15 @@ def test_dry_run_loads_the_model_for_real(api, onnx_model, tmp_path) -> None:  #
     assert result["ok"] is False
     failed = next(c for c in result["checks"] if not c["ok"])
     assert "unsupported_operator" in failed["message"] and "Hardmax" in failed["message"]
+
+
+def test_dry_run_refuses_an_unprunable_graph_naming_the_module(api, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = api.upload("/v1/models", files.channel_shuffle_onnx(tmp_path / "shuffle.onnx")).json()
+    data = files.npz(
+        tmp_path / "calib.npz", input=np.random.default_rng(0).standard_normal((8, 1, 8, 8)).astype(np.float32)
+    )
+    dataset = api.upload("/v1/datasets", data, model_id=model["id"]).json()
+    body = {"model_id": model["id"], "method": "prune_structured", "calibration_id": dataset["id"]}
+    response = api.post("/v1/jobs?dry_run=true", json=body)
+    assert response.status_code == 422 and _error_code(response) == "untraceable_model"
+    assert "'conv2'" in response.json()["error"]["message"]

@@ -95,3 +95,30 @@ def onnx_with_op(path: Path, op_type: str) -> Path:
     model.ir_version = 8
     onnx.save(model, path)
     return path
+
+
+def channel_shuffle_onnx(path: Path, seed: int = 0) -> Path:
+    """Conv -> channel shuffle (Reshape/Transpose/Reshape) -> Conv: channels cannot be pruned independently."""
+    rng = np.random.default_rng(seed)
+    w1 = numpy_helper.from_array(rng.standard_normal((8, 1, 3, 3)).astype(np.float32), "conv1.weight")
+    w2 = numpy_helper.from_array(rng.standard_normal((4, 8, 3, 3)).astype(np.float32), "conv2.weight")
+    shape_a = numpy_helper.from_array(np.array([-1, 2, 4, 8, 8], np.int64), "shape_a")
+    shape_b = numpy_helper.from_array(np.array([-1, 8, 8, 8], np.int64), "shape_b")
+    nodes = [
+        helper.make_node("Conv", ["input", "conv1.weight"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        helper.make_node("Reshape", ["c1", "shape_a"], ["r1"], name="split_groups"),
+        helper.make_node("Transpose", ["r1"], ["t1"], perm=[0, 2, 1, 3, 4], name="shuffle"),
+        helper.make_node("Reshape", ["t1", "shape_b"], ["r2"], name="merge_groups"),
+        helper.make_node("Conv", ["r2", "conv2.weight"], ["out"], pads=[1, 1, 1, 1], name="conv2"),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "shuffle",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", 1, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, ["N", 4, 8, 8])],
+        initializer=[w1, w2, shape_a, shape_b],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path

