@@ -35,16 +35,33 @@ def render_service(data: dict[str, Any]) -> str:
     rows = []
     for result in data["results"]:
         for poll in result["polling"]:
-            rows.append([result["deployment"], f"GET /v1/jobs/{{id}} x{poll['clients']} clients",
-                         poll["throughput_rps"], poll["p50_ms"], poll["p99_ms"], poll["errors"]])
+            rows.append(
+                [
+                    result["deployment"],
+                    f"GET /v1/jobs/{{id}} x{poll['clients']} clients",
+                    poll["throughput_rps"],
+                    poll["p50_ms"],
+                    poll["p99_ms"],
+                    poll["errors"],
+                ]
+            )
     table = markdown_table(["deployment", "load", "req/s", "p50 ms", "p99 ms", "errors"], rows)
     extra = [
-        [r["deployment"], r["enqueue_to_start"]["median_s"], r["enqueue_to_start"]["max_s"],
-         r["upload"]["upload_mb"], r["upload"]["mb_per_s"], r["upload"]["rss_before_mb"], r["upload"]["peak_rss_mb"]]
+        [
+            r["deployment"],
+            r["enqueue_to_start"]["median_s"],
+            r["enqueue_to_start"]["max_s"],
+            r["upload"]["upload_mb"],
+            r["upload"]["mb_per_s"],
+            r["upload"]["rss_before_mb"],
+            r["upload"]["peak_rss_mb"],
+        ]
         for r in data["results"]
     ]
-    table2 = markdown_table(["deployment", "enqueue→start median s", "max s", "upload MB", "MB/s",
-                             "API RSS before MB", "API peak RSS MB"], extra)
+    table2 = markdown_table(
+        ["deployment", "enqueue→start median s", "max s", "upload MB", "MB/s", "API RSS before MB", "API peak RSS MB"],
+        extra,
+    )
     return f"{table}\n\n{table2}\n\n_{data.get('machine', '')}; args {data.get('args')}_"
 
 
