@@ -76,7 +76,119 @@ def render_generic(data: dict[str, Any]) -> str:
     return text
 
 
-RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {"service": render_service}
+def _pct(value: Any) -> str:
+    return "" if value is None else f"{100 * value:.2f}"
+
+
+def render_data_free(data: dict[str, Any]) -> str:
+    """Top-1 (%) per prune ratio and bits, l1 / l2 criterion, for each compensation variant."""
+    cells: dict[tuple[float, int], dict[str, dict[str, float]]] = {}
+    for r in data["records"]:
+        cells.setdefault((r["prune_ratio"], r["bits"]), {}).setdefault(r["method"], {})[r["criterion"]] = r["top1"]
+    methods = ["plain", "one_to_one", "udfc_printed", "udfc"]
+    rows = []
+    for (ratio, bits), by_method in sorted(cells.items()):
+        row: list[Any] = [f"{ratio:.0%}", bits]
+        for method in methods:
+            pair = by_method.get(method, {})
+            row.append(" / ".join(_pct(pair.get(c)) for c in ("l1", "l2") if c in pair) or "–")
+        rows.append(row)
+    columns = ["prune", "bits", "plain pruning", "one-to-one (Neuron Merging)", "UDFC as printed", "UDFC (ours)"]
+    head = (
+        f"Fashion-MNIST ResNet, top-1 % (l1 / l2 criterion) on {data['n_test']} test images; "
+        f"fp32 {_pct(data['fp32_top1'])}%."
+    )
+    return head + "\n\n" + markdown_table(columns, rows)
+
+
+def render_mixed_precision(data: dict[str, Any]) -> str:
+    rows = []
+    for model, entry in data["models"].items():
+        metric = entry["metric"]
+        for quantizer, run in entry["runs"].items():
+            uniform = run["uniform"]
+            for budget, point in run["ours"].items():
+                ours = point["eval"][metric]
+                bracket = "; ".join(
+                    f"u{bits} {uniform[bits][metric]:.4g}"
+                    for bits in sorted(uniform)
+                    if abs(int(bits) - float(budget)) <= 0.5
+                )
+                rows.append(
+                    [
+                        model,
+                        quantizer,
+                        budget,
+                        point["avg_bits"],
+                        ours,
+                        bracket,
+                        point["predicted"]["sqnr_db"],
+                        point["measured"]["sqnr_db"],
+                    ]
+                )
+    columns = [
+        "model",
+        "quantizer",
+        "budget bits",
+        "ours avg bits",
+        "ours metric",
+        "uniform at nearest widths",
+        "predicted SQNR dB",
+        "measured SQNR dB",
+    ]
+    return "Metric: top-1 for the ResNet, embedding cosine for MiniLM.\n\n" + markdown_table(columns, rows)
+
+
+def render_pruning(data: dict[str, Any]) -> str:
+    resnet, minilm = data["fmnist_resnet"], data["minilm"]
+    rows = [
+        [
+            f"{r['target_flops_reduction']:.0%}",
+            _pct(r["magnitude_none"]["top1"]),
+            _pct(r["ours_none"]["top1"]),
+            _pct(r["ours_bn"]["top1"]),
+            _pct(r["ours_distill"]["top1"]),
+            r["latency"]["speedup_b1"],
+            r["latency"]["speedup_b64"],
+        ]
+        for r in resnet["rows"]
+    ]
+    cnn = markdown_table(
+        [
+            "FLOPs cut",
+            "L1 magnitude, no recovery",
+            "ours, no recovery",
+            "ours + BN recal",
+            "ours + distill",
+            "ORT speedup b1",
+            "ORT speedup b64",
+        ],
+        rows,
+    )
+    rows = [
+        [
+            f"{r['heads_and_neurons_removed']:.0%}",
+            *(
+                f"{r[k]['cosine_mean']:.3f} / {r[k]['lee50_pearson']:.3f}"
+                for k in ("magnitude_none", "ours_none", "ours_distill")
+            ),
+        ]
+        for r in minilm["rows"]
+    ]
+    encoder = markdown_table(
+        ["heads + MLP removed", "L1, no recovery (cosine / Lee-50 r)", "ours", "ours + distill"], rows
+    )
+    head = f"Fashion-MNIST ResNet top-1 % (fp32 {_pct(resnet['fp32_top1'])}%) and measured ONNX Runtime speedup:"
+    tail = f"all-MiniLM-L6-v2 (Lee-50 Pearson fp32 {minilm['lee50_pearson_fp32']:.3f}):"
+    return f"{head}\n\n{cnn}\n\n{tail}\n\n{encoder}"
+
+
+RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "service": render_service,
+    "data_free": render_data_free,
+    "mixed_precision": render_mixed_precision,
+    "pruning": render_pruning,
+}
 
 
 def render_all(readme: str) -> str:
