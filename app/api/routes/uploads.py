@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ProjectDep, SessionDep, SettingsDep, StoreDep
-from app.api.upload import receive_file
+from app.api.upload import Received, receive_file
 from app.core.errors import APIError, not_found
 from app.core.inspect import (
     InspectError,
@@ -19,12 +22,29 @@ from app.core.inspect import (
 from app.db import crud
 from app.db.models import Dataset, Model
 from app.schemas.api import DatasetOut, ModelOut
+from app.storage.store import Store
 
 router = APIRouter(tags=["uploads"])
+T = TypeVar("T")
 
 
-def _refuse(exc: InspectError) -> APIError:
-    return APIError(exc.status, exc.code, exc.message, exc.details)
+async def _keep_if_valid(received: Received, store: Store, check: Callable[[Path], T]) -> tuple[T, str]:
+    """Run `check` on the spooled upload; refused uploads are discarded, accepted ones committed."""
+    try:
+        result = await run_in_threadpool(check, received.spool.path)
+    except InspectError as exc:
+        received.spool.discard()
+        raise APIError(exc.status, exc.code, exc.message, exc.details) from exc
+    except APIError:
+        received.spool.discard()
+        raise
+    return result, await run_in_threadpool(store.commit, received.spool)
+
+
+async def _record(session: Session, row: T) -> T:
+    session.add(row)
+    await run_in_threadpool(session.commit)
+    return row
 
 
 @router.post("/models", status_code=201, response_model=ModelOut)
@@ -32,12 +52,7 @@ async def upload_model(
     request: Request, project: ProjectDep, session: SessionDep, store: StoreDep, settings: SettingsDep
 ) -> Any:
     received = await receive_file(request, store=store, limit=settings.max_upload_bytes)
-    try:
-        inspection = await run_in_threadpool(inspect_model_file, received.spool.path)
-    except InspectError as exc:
-        received.spool.discard()
-        raise _refuse(exc) from exc
-    address = await run_in_threadpool(store.commit, received.spool)
+    inspection, address = await _keep_if_valid(received, store, inspect_model_file)
     info = {**inspection.info, "inputs": inspection.inputs}
     model = Model(
         project_id=project.id,
@@ -48,9 +63,7 @@ async def upload_model(
         param_count=inspection.param_count,
         info=info,
     )
-    session.add(model)
-    await run_in_threadpool(session.commit)
-    return model
+    return await _record(session, model)
 
 
 @router.get("/models", response_model=list[ModelOut])
@@ -73,27 +86,24 @@ async def upload_dataset(
 ) -> Any:
     """Optional form field `model_id` validates the arrays against that model's inputs at upload."""
     received = await receive_file(request, store=store, limit=settings.max_upload_bytes)
-    try:
-        kind, info = await run_in_threadpool(inspect_dataset_file, received.spool.path)
+
+    def inspect_for_model(path: Path) -> tuple[str, dict[str, Any]]:
+        kind, info = inspect_dataset_file(path)
         _check_against_model(session, project.id, received.fields.get("model_id"), kind, info)
-    except InspectError as exc:
-        received.spool.discard()
-        raise _refuse(exc) from exc
-    except APIError:
-        received.spool.discard()
-        raise
-    address = await run_in_threadpool(store.commit, received.spool)
-    dataset = Dataset(
-        project_id=project.id,
-        filename=received.filename,
-        kind=kind,
-        sha256=address,
-        size_bytes=received.spool.size,
-        info=info,
+        return kind, info
+
+    (kind, info), address = await _keep_if_valid(received, store, inspect_for_model)
+    return await _record(
+        session,
+        Dataset(
+            project_id=project.id,
+            filename=received.filename,
+            kind=kind,
+            sha256=address,
+            size_bytes=received.spool.size,
+            info=info,
+        ),
     )
-    session.add(dataset)
-    await run_in_threadpool(session.commit)
-    return dataset
 
 
 def _check_against_model(session: Any, project_id: str, model_id: str | None, kind: str, info: dict) -> None:
