@@ -41,7 +41,7 @@ def worker_command(queues: str = "gpu,cpu", concurrency: int = 1, name: str | No
         "-Q",
         queues,
         "--pool",
-        "solo" if concurrency == 1 else "prefork",
+        "prefork",
         "-c",
         str(concurrency),
         "--loglevel",

@@ -6,7 +6,7 @@ from functools import lru_cache
 from typing import Any
 
 from celery import Celery
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from app.core.settings import Settings, get_settings
 
@@ -25,7 +25,11 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
         "task_default_queue": settings.default_queue,
-        "task_queues": [Queue(name) for name in QUEUES],
+        "task_default_exchange": settings.default_queue,
+        "task_default_routing_key": settings.default_queue,
+        # one direct exchange per queue: with a shared default exchange a message routed to `gpu` was also
+        # bound to `cpu`, so every job was delivered twice and the duplicate stalled a prefetch-1 worker
+        "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],
         "broker_connection_retry_on_startup": True,
         "broker_connection_max_retries": 3,
         "worker_hijack_root_logger": False,
