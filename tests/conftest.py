@@ -155,7 +155,7 @@ def live_server(service_env, make_api, tmp_path):  # type: ignore[no-untyped-def
     servers: list[tuple[subprocess.Popen[bytes], object]] = []
 
     def start(workers: int = 1, **env: str) -> tuple[str, ApiClient]:
-        service_env(MODELPRESS_FAULT_STAGE_DELAY_S="0.5", **env)
+        service_env(**{"MODELPRESS_FAULT_STAGE_DELAY_S": "0.5", **env})
         port = 18000 + (os.getpid() + len(servers)) % 1000
         log = open(tmp_path / "serve.log", "ab")  # noqa: SIM115
         server = subprocess.Popen(

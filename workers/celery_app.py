@@ -15,7 +15,6 @@ from app.core.queue import get_celery
 from app.core.settings import get_settings
 from app.db import crud
 from app.db.session import session_scope
-from workers import state
 
 celery_app = get_celery()
 celery_app.conf.update(include=["workers.tasks"])
@@ -43,7 +42,6 @@ def _beat(name: str, queues: str) -> None:
                     name=name,
                     queues=queues,
                     device=device,
-                    current_job_id=state.current_job_id,
                 )
         except Exception:
             log.exception("worker heartbeat failed")

@@ -16,7 +16,6 @@ from app.db import crud
 from app.db.models import Dataset, Job, Model
 from app.db.session import session_scope
 from app.storage.store import get_store
-from workers import state
 from workers.reporter import JobCancelled, JobReporter, LostOwnership
 
 log = logging.getLogger(__name__)
@@ -26,7 +25,13 @@ def worker_host() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def execute_job(job_id: str) -> None:
+def _show_on_dashboard(worker_name: str | None, job_id: str | None) -> None:
+    if worker_name:
+        with session_scope() as session:
+            crud.set_worker_job(session=session, name=worker_name, job_id=job_id)
+
+
+def execute_job(job_id: str, worker_name: str | None = None) -> None:
     host = worker_host()
     with session_scope() as session:
         if not crud.claim_job(session=session, job_id=job_id, worker_host=host):
@@ -46,7 +51,7 @@ def execute_job(job_id: str) -> None:
         except Exception as exc:  # every failure ends the job with a reason
             _fail(job_id, host, exc)
         finally:
-            state.current_job_id = None
+            _show_on_dashboard(worker_name, None)
 
 
 def _run(job_id: str, work_dir: Path, reporter: JobReporter) -> Any:

@@ -268,14 +268,21 @@ def enqueue_job_event(*, session: Session, job_id: str) -> int:
     return count
 
 
-def touch_worker(*, session: Session, name: str, queues: str, device: str, current_job_id: str | None) -> None:
+def touch_worker(*, session: Session, name: str, queues: str, device: str) -> None:
+    """The worker process's heartbeat row (its pool children report the current job separately)."""
     from app.db.models import WorkerHeartbeat
 
     row = session.get(WorkerHeartbeat, name)
     if row is None:
-        session.add(WorkerHeartbeat(name=name, queues=queues, device=device, current_job_id=current_job_id))
+        session.add(WorkerHeartbeat(name=name, queues=queues, device=device))
         return
-    row.last_seen_at, row.current_job_id, row.queues, row.device = utcnow(), current_job_id, queues, device
+    row.last_seen_at, row.queues, row.device = utcnow(), queues, device
+
+
+def set_worker_job(*, session: Session, name: str, job_id: str | None) -> None:
+    from app.db.models import WorkerHeartbeat
+
+    session.execute(update(WorkerHeartbeat).where(WorkerHeartbeat.name == name).values(current_job_id=job_id))
 
 
 def log_job_event(*, session: Session, job: Job, message: str | None = None) -> None:

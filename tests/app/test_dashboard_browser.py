@@ -27,7 +27,7 @@ CHROMIUM_ARGS = [
 def test_dashboard_shows_a_job_from_queued_to_succeeded(live_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
     from playwright.sync_api import expect, sync_playwright
 
-    url, api = live_server(workers=0)
+    url, api = live_server(workers=0, MODELPRESS_FAULT_STAGE_DELAY_S="1.5")
     ARTIFACTS.mkdir(exist_ok=True)
     model_id, dataset_id = upload_inputs(api, tmp_path)
     workers = Workers(tmp_path)
@@ -43,6 +43,7 @@ def test_dashboard_shows_a_job_from_queued_to_succeeded(live_server, tmp_path) -
             expect(row).to_have_attribute("data-status", "queued", timeout=15_000)
             page.screenshot(path=str(ARTIFACTS / "dashboard-queued.png"), full_page=True)
             workers.start("browser")
+            expect(row).to_have_attribute("data-status", "running", timeout=60_000)
             expect(row).to_have_attribute("data-status", "succeeded", timeout=120_000)
             expect(page.get_by_test_id("count-succeeded")).to_contain_text("1")
             expect(page.get_by_test_id("workers")).to_contain_text("browser@")
