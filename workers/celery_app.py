@@ -7,9 +7,10 @@ dashboard can show heartbeat age and what every worker is doing.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 
-from celery.signals import worker_ready, worker_shutting_down
+from celery.signals import worker_init, worker_ready, worker_shutting_down
 
 from app.core.queue import get_celery
 from app.core.settings import get_settings
@@ -47,6 +48,14 @@ def _beat(name: str, queues: str) -> None:
             log.exception("worker heartbeat failed")
         if _stop.wait(get_settings().heartbeat_interval_s):
             return
+
+
+@worker_init.connect
+def _export_node_name(sender: object = None, **_: object) -> None:
+    """Pool children are forked after this: they inherit the node name to report their current job."""
+    name = getattr(sender, "hostname", None)
+    if name:
+        os.environ["MODELPRESS_WORKER_NODE"] = name
 
 
 @worker_ready.connect

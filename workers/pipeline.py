@@ -26,9 +26,14 @@ def worker_host() -> str:
 
 
 def _show_on_dashboard(worker_name: str | None, job_id: str | None) -> None:
-    if worker_name:
+    """Best effort: the dashboard's "current job" column must never fail a job."""
+    if not worker_name:
+        return
+    try:
         with session_scope() as session:
             crud.set_worker_job(session=session, name=worker_name, job_id=job_id)
+    except Exception:
+        log.warning("could not record the current job of worker %s", worker_name, exc_info=True)
 
 
 def execute_job(job_id: str, worker_name: str | None = None) -> None:
@@ -37,6 +42,7 @@ def execute_job(job_id: str, worker_name: str | None = None) -> None:
         if not crud.claim_job(session=session, job_id=job_id, worker_host=host):
             log.info("job %s already claimed or not queued; message ignored", job_id)
             return
+    _show_on_dashboard(worker_name, job_id)
     with (
         tempfile.TemporaryDirectory(prefix=f"modelpress-{job_id}-") as tmp,
         JobReporter(job_id, host) as reporter,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from celery import Task
 
 from app.core.queue import RUN_JOB_TASK
@@ -11,4 +13,4 @@ from workers.pipeline import execute_job
 
 @celery_app.task(name=RUN_JOB_TASK, acks_late=True, ignore_result=True, bind=True)
 def run_job(self: Task, job_id: str) -> None:
-    execute_job(job_id, worker_name=self.request.hostname)
+    execute_job(job_id, worker_name=os.environ.get("MODELPRESS_WORKER_NODE") or self.request.hostname)

@@ -282,7 +282,9 @@ def touch_worker(*, session: Session, name: str, queues: str, device: str) -> No
 def set_worker_job(*, session: Session, name: str, job_id: str | None) -> None:
     from app.db.models import WorkerHeartbeat
 
-    session.execute(update(WorkerHeartbeat).where(WorkerHeartbeat.name == name).values(current_job_id=job_id))
+    result = session.execute(update(WorkerHeartbeat).where(WorkerHeartbeat.name == name).values(current_job_id=job_id))
+    if result.rowcount == 0:  # the job can start before the worker's first heartbeat wrote its row
+        session.add(WorkerHeartbeat(name=name, queues="", device="", current_job_id=job_id))
 
 
 def log_job_event(*, session: Session, job: Job, message: str | None = None) -> None:

@@ -44,6 +44,7 @@ def test_dashboard_shows_a_job_from_queued_to_succeeded(live_server, tmp_path) -
             page.screenshot(path=str(ARTIFACTS / "dashboard-queued.png"), full_page=True)
             workers.start("browser")
             expect(row).to_have_attribute("data-status", "running", timeout=60_000)
+            expect(page.get_by_test_id("workers")).to_contain_text(job_id[:8], timeout=15_000)
             expect(row).to_have_attribute("data-status", "succeeded", timeout=120_000)
             expect(page.get_by_test_id("count-succeeded")).to_contain_text("1")
             expect(page.get_by_test_id("workers")).to_contain_text("browser@")
