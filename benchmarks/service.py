@@ -27,6 +27,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from app.client.demo import wait_ready  # noqa: E402 - after the path insert
+
 RESULTS = ROOT / "benchmarks" / "results" / "service.json"
 
 
@@ -39,18 +41,6 @@ def start_server(env: dict[str, str], port: int, log: Path) -> subprocess.Popen[
         stdout=open(log, "wb"),
         stderr=subprocess.STDOUT,
     )
-
-
-def wait_ready(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise RuntimeError(f"{url} not ready")
 
 
 def create_key(env: dict[str, str]) -> str:
@@ -174,7 +164,7 @@ def run_deployment(name: str, env: dict[str, str], port: int, args: argparse.Nam
     server = start_server(env, port, tmp / f"{name}.log")
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url)
+        wait_ready(url, server)
         key = create_key(env)
         client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
         model_path, data_path = tiny_model(tmp)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import shutil
 import socket
 import tempfile
 import traceback
@@ -115,7 +116,7 @@ def _persist_success(job_id: str, host: str, output: Any) -> None:
         job = session.get(Job, job_id)
         assert job is not None
         for kind, path in output.artifacts.items():
-            address, size = _put(store, Path(path))
+            path, address, size = _put(store, Path(path))
             crud.create_artifact(
                 session=session,
                 project_id=job.project_id,
@@ -140,14 +141,12 @@ def _persist_success(job_id: str, host: str, output: Any) -> None:
             session.rollback()  # reaped meanwhile: its artifacts must not attach to a job we no longer own
 
 
-def _put(store: Any, path: Path) -> tuple[str, int]:
+def _put(store: Any, path: Path) -> tuple[Path, str, int]:
+    """Store one artifact; a directory (the Hugging Face model) is zipped beside it, inside the job's temp dir."""
     if path.is_dir():
-        archive = Path(tempfile.mkdtemp()) / f"{path.name}.zip"
-        import shutil
-
-        shutil.make_archive(str(archive.with_suffix("")), "zip", path)
-        path = archive
-    return store.put_file(path)
+        path = Path(shutil.make_archive(str(path), "zip", root_dir=path))
+    address, size = store.put_file(path)
+    return path, address, size
 
 
 def _finish(job_id: str, host: str, status: str, **values: Any) -> None:

@@ -47,7 +47,7 @@ def build_inputs(directory: Path, samples: int = 512) -> tuple[Path, Path]:
     return model_path, data_path
 
 
-def _wait_ready(url: str, server: subprocess.Popen[bytes], timeout_s: float = 90.0) -> None:
+def wait_ready(url: str, server: subprocess.Popen[bytes], timeout_s: float = 90.0) -> None:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if server.poll() is not None:
@@ -87,7 +87,7 @@ def run_demo(*, method: str, config_json: str | None, port: int) -> int:
         stderr=subprocess.STDOUT,
     )
     try:
-        _wait_ready(url, server)
+        wait_ready(url, server)
         config = config_json or json.dumps({"bits": 4, "group_size": 64})
         args = argparse.Namespace(
             model=model_path,

@@ -23,8 +23,6 @@ from compression.configs import CONFIG_CLASSES, MethodConfigBase, parse_config
 log = logging.getLogger(__name__)
 
 SUMMARY_KEYS = ("original", "compressed", "fidelity", "speedup", "size_ratio", "metric_name")
-# Methods whose input graph must be a torch module we can trace; ONNX/pt2/HF are all converted.
-METHOD_FORMATS: dict[str, tuple[str, ...]] = {key: ("onnx", "torch_export", "hf_dir") for key in CONFIG_CLASSES}
 
 
 def validate_config(method: str, config: dict[str, Any]) -> MethodConfigBase:
@@ -60,11 +58,6 @@ def preflight_checks(
     """Torch-free checks the API can answer in milliseconds; each {name, ok, message}."""
     checks = [
         _check(
-            "format_supported",
-            model.format in METHOD_FORMATS[config.method],
-            f"{config.method} accepts {model.format} models",
-        ),
-        _check(
             "calibration_present",
             calibration is not None or evaluation is not None or not config.needs_calibration,
             f"{config.method} {'needs' if config.needs_calibration else 'does not need'} calibration data",
@@ -89,9 +82,7 @@ def raise_on_failed_checks(checks: list[dict[str, Any]]) -> None:
     if not failed:
         return
     first = failed[0]["name"]
-    code = {"calibration_present": "calibration_required", "format_supported": "unsupported_format"}.get(
-        first, "dataset_mismatch"
-    )
+    code = {"calibration_present": "calibration_required"}.get(first, "dataset_mismatch")
     raise APIError(422, code, "; ".join(c["message"] for c in failed), {"checks": failed})
 
 
@@ -119,16 +110,14 @@ def dry_run(
     """Torch-free checks, then the worker's own pre-flight when this process can run it."""
     from app.core.deep_preflight import deep_preflight
 
-    deep = None
-    if all(c["ok"] for c in checks if c["name"] == "format_supported"):
-        deep = deep_preflight(
-            store=store,
-            model=model,
-            method=config.method,
-            config=config.model_dump(mode="json", exclude={"method"}),
-            calibration=calibration,
-            evaluation=evaluation,
-        )
+    deep = deep_preflight(
+        store=store,
+        model=model,
+        method=config.method,
+        config=config.model_dump(mode="json", exclude={"method"}),
+        calibration=calibration,
+        evaluation=evaluation,
+    )
     if deep is None:
         note = _check("deep_preflight", True, "torch is not installed beside the API: the worker re-checks first")
         return PreflightOut(

@@ -175,8 +175,8 @@ def test_linear_layers_export_exactly(tmp_path: Path, cols: int, bits: int, grou
     assert count == (0 if bits == 3 else 3)
 
 
-@pytest.mark.slow
-def test_hf_encoder_export_uses_matmul_nbits(tmp_path: Path) -> None:
+def _tiny_bert_rtn4(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A one-layer random BERT saved as a Hugging Face directory, loaded, and RTN-quantized (W4 g32)."""
     import transformers
 
     config = transformers.BertConfig(
@@ -185,7 +185,12 @@ def test_hf_encoder_export_uses_matmul_nbits(tmp_path: Path) -> None:
     torch.manual_seed(0)
     transformers.BertModel(config).save_pretrained(tmp_path / "bert")
     loaded = load_model(tmp_path / "bert", work_dir=tmp_path / "work")
-    result = rtn(loaded.module, None, RTNConfig(bits=4, group_size=32))
+    return loaded, rtn(loaded.module, None, RTNConfig(bits=4, group_size=32))
+
+
+@pytest.mark.slow
+def test_hf_encoder_export_uses_matmul_nbits(tmp_path: Path) -> None:
+    loaded, result = _tiny_bert_rtn4(tmp_path)
     ids = torch.randint(0, 100, (3, 9))
     example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     paths = export_artifacts(result, loaded, tmp_path / "out", example=example, manifest={}, options=EXACT)
@@ -194,17 +199,9 @@ def test_hf_encoder_export_uses_matmul_nbits(tmp_path: Path) -> None:
 
 
 def test_hf_dir_artifact_reloads_with_transformers(tmp_path: Path) -> None:
-    import transformers
-
     from compression.io.hf import export_hf_dir
 
-    config = transformers.BertConfig(
-        vocab_size=100, hidden_size=64, num_hidden_layers=1, num_attention_heads=2, intermediate_size=128
-    )
-    torch.manual_seed(0)
-    transformers.BertModel(config).save_pretrained(tmp_path / "bert")
-    loaded = load_model(tmp_path / "bert", work_dir=tmp_path / "work")
-    result = rtn(loaded.module, None, RTNConfig(bits=4, group_size=32))
+    loaded, result = _tiny_bert_rtn4(tmp_path)
     out = export_hf_dir(result.model, loaded, tmp_path / "hf_model")
     assert (out / "config.json").is_file() and list(out.glob("*.safetensors")) and not list(out.glob("*.bin"))
     reloaded = load_model(out, work_dir=tmp_path / "work2")
