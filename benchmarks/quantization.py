@@ -80,7 +80,6 @@ METHODS: dict[str, Callable[[int, int | None], QuantizerFields]] = {
     "decoupleq_layerwise": lambda bits, group: DecoupleQConfig(bits=bits, group_size=group, blockwise=False),
     "decoupleq": lambda bits, group: DecoupleQConfig(bits=bits, group_size=group),
 }
-STARTED = time.perf_counter()
 
 
 class PeakRSS:
@@ -473,6 +472,15 @@ def save(results: dict[str, Any], path: Path) -> None:
     path.write_text(json.dumps(results, indent=2, default=str))
 
 
+def earlier_results(path: Path, keep: set[str]) -> dict[str, Any]:
+    """With --only, the other models' results (and the notes) already in the JSON stay; each task
+    records the command that produced it."""
+    if not path.exists():
+        return {}
+    earlier = json.loads(path.read_text())
+    return {key: value for key, value in earlier.items() if key in keep or key == "notes"}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", choices=["fmnist", "minilm", "gemma"], default=None)
@@ -518,17 +526,19 @@ def main() -> None:
         tasks.pop("gemma")
     if args.only:
         tasks = {args.only: tasks[args.only]}
-    results: dict[str, Any] = {
-        "command": " ".join(sys.argv),
-        "threads": args.threads,
-        "torch": torch.__version__,
-        "machine": f"{os.cpu_count()} CPUs, shared with other jobs",
-    }
+    results = earlier_results(args.out, keep=set(SETTINGS) - set(tasks)) if args.only else {}
+    results.update(
+        command=" ".join(sys.argv),
+        threads=args.threads,
+        torch=torch.__version__,
+        machine=f"{os.cpu_count()} CPUs, shared with other jobs",
+    )
     with tempfile.TemporaryDirectory(prefix="modelpress-bench-") as work:
         args.work = Path(work)
         for name, task in tasks.items():
-            results[name] = task(args)
-            results["wall_s"] = round(time.perf_counter() - STARTED, 1)
+            began = time.perf_counter()
+            results[name] = {**task(args), "command": " ".join(sys.argv)}
+            results[name]["task_s"] = round(time.perf_counter() - began, 1)
             save(results, args.out)
     print(markdown(results["table"]))
 

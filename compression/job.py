@@ -57,6 +57,9 @@ STAGES: dict[str, tuple[float, float]] = {
     "benchmark": (0.90, 1.0),
 }
 SYNTHETIC_SAMPLES = 32
+# fp32 logits one forward may produce (512 MB): a 262k-vocabulary LM at 512 tokens gets one row per
+# batch, where 8 rows (and the float64 copies the fidelity metrics take) would need tens of GB.
+LOGITS_PER_FORWARD = 1 << 27
 
 
 @dataclass
@@ -167,10 +170,21 @@ def _caps(spec: JobSpec, loaded: LoadedModel) -> tuple[int, int]:
     return spec.calibration_samples, spec.evaluation_samples
 
 
+def rows_per_forward(loaded: LoadedModel, seq_len: int, wanted: int) -> int:
+    """`wanted`, or fewer rows for a causal LM whose logits would pass LOGITS_PER_FORWARD (at least 1)."""
+    vocab = (loaded.info.get("vocab_size") or 0) if loaded.task == "causal_lm" else 0
+    return max(1, min(wanted, LOGITS_PER_FORWARD // max(1, seq_len * vocab)))
+
+
+def latency_batches(loaded: LoadedModel, seq_len: int) -> tuple[int, ...]:
+    """ORT batch sizes to time: 1 and 32, the larger one capped like every other forward."""
+    return tuple(sorted({1, rows_per_forward(loaded, seq_len, 32)}))
+
+
 def _read(path: Path | None, loaded: LoadedModel, spec: JobSpec, cap: int) -> Batches | None:
     if path is None:
         return None
-    batch = 8 if loaded.task == "causal_lm" else spec.batch_size
+    batch = rows_per_forward(loaded, spec.seq_len, 8 if loaded.task == "causal_lm" else spec.batch_size)
     return load_batches(path, loaded, batch_size=batch, max_samples=cap, seq_len=spec.seq_len)
 
 
@@ -327,9 +341,10 @@ def _compress(
 
 def _ort_latency_hook(loaded: LoadedModel, calib: Batches, spec: JobSpec) -> Callable[[nn.Module], float]:
     """measure_latency(model) for a latency target: export the candidate and time it in ONNX Runtime
-    at batch 32, the same way the benchmark stage times the shipped model."""
+    at its largest batch, the same way the benchmark stage times the shipped model."""
     example = _example(calib, 8)
-    feeds = {name: t.numpy() for name, t in _example(calib, 32).items()}
+    batch = max(latency_batches(loaded, spec.seq_len))
+    feeds = {name: t.numpy() for name, t in _example(calib, batch).items()}
     counter = iter(range(10**6))
 
     def measure(model: nn.Module) -> float:
@@ -337,7 +352,7 @@ def _ort_latency_hook(loaded: LoadedModel, calib: Batches, spec: JobSpec) -> Cal
         write_onnx(CompressionResult(model=model, method="probe"), loaded, path, example)
         budget = min(2.0, spec.benchmark_budget_s)
         # best of two medians: the first session on a busy machine often runs cold
-        runs = [ort_latency(path, feeds, batch_sizes=(32,), budget_s=budget) for _ in range(2)]
+        runs = [ort_latency(path, feeds, batch_sizes=(batch,), budget_s=budget) for _ in range(2)]
         path.unlink(missing_ok=True)
         return min(next(iter(r["batches"].values()))["median_ms"] for r in runs) / 1000.0
 
@@ -419,10 +434,13 @@ def _export(
     return artifacts, check
 
 
-def _latency_pair(original: Path, compressed: Path, eval_data: Batches, spec: JobSpec) -> dict[str, Any]:
-    feeds = {name: t.numpy() for name, t in _example(eval_data, 32).items()}
-    before = ort_latency(original, feeds, repeats=spec.benchmark_repeats, budget_s=spec.benchmark_budget_s)
-    after = ort_latency(compressed, feeds, repeats=spec.benchmark_repeats, budget_s=spec.benchmark_budget_s)
+def _latency_pair(
+    original: Path, compressed: Path, eval_data: Batches, spec: JobSpec, batch_sizes: tuple[int, ...]
+) -> dict[str, Any]:
+    feeds = {name: t.numpy() for name, t in _example(eval_data, max(batch_sizes)).items()}
+    timing = {"repeats": spec.benchmark_repeats, "budget_s": spec.benchmark_budget_s, "batch_sizes": batch_sizes}
+    before = ort_latency(original, feeds, **timing)
+    after = ort_latency(compressed, feeds, **timing)
     speedups = {
         batch: before["batches"][batch]["median_ms"] / after["batches"][batch]["median_ms"]
         for batch in before["batches"]
@@ -451,7 +469,8 @@ def _benchmark(
     stages.start("benchmark", "timing both models with ONNX Runtime")
     try:
         baseline = _baseline_onnx(loaded, eval_data, spec)
-        latency = _latency_pair(baseline, artifacts["onnx"], eval_data, spec)
+        batch_sizes = latency_batches(loaded, spec.seq_len)
+        latency = _latency_pair(baseline, artifacts["onnx"], eval_data, spec, batch_sizes)
     except JobError:
         raise
     except Exception as error:

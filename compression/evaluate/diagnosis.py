@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from compression.evaluate.fidelity import energy_sums
 from compression.types import Batches
 
 
@@ -70,8 +71,9 @@ def layer_sqnr(
                 ref, new = ref_out.get(name), new_out.get(name)
                 if ref is None or new is None or ref.shape != new.shape:
                     continue
-                energy.signal[name] += ref.double().pow(2).sum().item()
-                energy.noise[name] += (ref.double() - new.double()).pow(2).sum().item()
+                signal, noise = energy_sums(ref, new)
+                energy.signal[name] += signal
+                energy.noise[name] += noise
     finally:
         for handle in handles:
             handle.remove()

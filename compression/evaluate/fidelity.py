@@ -17,11 +17,30 @@ from torch import nn
 
 from compression.types import Batches
 
+_CHUNK_ELEMENTS = 1 << 22  # float64 work per step: 32 MB, however wide the outputs (a 262k vocabulary)
+
+
+def _row_chunks(ref: torch.Tensor, out: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Both outputs as [rows, last dim], a few rows at a time, so float64 copies stay small."""
+    width = ref.shape[-1] if ref.dim() > 0 else 1
+    flat_ref, flat_out = ref.reshape(-1, width), out.reshape(-1, width)
+    step = max(1, _CHUNK_ELEMENTS // width)
+    for start in range(0, flat_ref.shape[0], step):
+        yield flat_ref[start : start + step], flat_out[start : start + step]
+
+
+def energy_sums(reference: torch.Tensor, approximation: torch.Tensor) -> tuple[float, float]:
+    """(‖reference‖², ‖reference − approximation‖²) in float64, a few rows at a time."""
+    signal = noise = 0.0
+    for ref, approx in _row_chunks(reference, approximation):
+        signal += ref.double().pow(2).sum().item()
+        noise += (ref.double() - approx.double()).pow(2).sum().item()
+    return signal, noise
+
 
 def sqnr_db(reference: torch.Tensor, approximation: torch.Tensor) -> float:
     """10·log10(‖reference‖² / ‖reference − approximation‖²); inf when identical."""
-    signal = reference.double().pow(2).sum().item()
-    noise = (reference.double() - approximation.double()).pow(2).sum().item()
+    signal, noise = energy_sums(reference, approximation)
     if noise == 0:
         return math.inf
     return 10 * math.log10(max(signal, 1e-300) / noise)
@@ -63,10 +82,10 @@ def _token_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor
 def _add_distribution_metrics(acc: _Accumulator, ref: torch.Tensor, out: torch.Tensor) -> None:
     if ref.dim() < 2 or ref.shape[-1] < 2:
         return
-    flat_ref, flat_out = ref.reshape(-1, ref.shape[-1]), out.reshape(-1, out.shape[-1])
-    acc.add("top1", float((flat_ref.argmax(-1) == flat_out.argmax(-1)).sum()), flat_ref.shape[0])
-    log_p, log_q = F.log_softmax(flat_ref.double(), -1), F.log_softmax(flat_out.double(), -1)
-    acc.add("kl", float((log_p.exp() * (log_p - log_q)).sum()), flat_ref.shape[0])
+    for chunk_ref, chunk_out in _row_chunks(ref, out):
+        acc.add("top1", float((chunk_ref.argmax(-1) == chunk_out.argmax(-1)).sum()), chunk_ref.shape[0])
+        log_p, log_q = F.log_softmax(chunk_ref.double(), -1), F.log_softmax(chunk_out.double(), -1)
+        acc.add("kl", float((log_p.exp() * (log_p - log_q)).sum()), chunk_ref.shape[0])
 
 
 def _add_task_metrics(
@@ -127,8 +146,8 @@ def compare_outputs(
     for ref, out, label, batch in paired_outputs(original, compressed, batches):
         if ref.shape != out.shape:
             raise ValueError(f"output shapes differ: {tuple(ref.shape)} vs {tuple(out.shape)}")
-        signal += ref.double().pow(2).sum().item()
-        noise += (ref.double() - out.double()).pow(2).sum().item()
+        batch_signal, batch_noise = energy_sums(ref, out)
+        signal, noise = signal + batch_signal, noise + batch_noise
         samples += ref.shape[0]
         if task != "encoder":  # argmax / softmax over embedding dimensions mean nothing
             _add_distribution_metrics(acc, ref, out)

@@ -143,7 +143,7 @@ def replace_quantized_layers(
 ) -> dict[str, str]:
     """Rewrite the graph in place; returns layer name -> storage ("MatMulNBits" | "packed+dequantize")."""
     graph = model.graph
-    storage, before, replaced = {}, [], {}
+    storage, before, replaced, unused = {}, [], {}, set()
     for index, (name, quant) in enumerate(sorted(quantized.items())):
         layer = layers[name]
         old_weight = layer.initializers["weight"]
@@ -154,7 +154,8 @@ def replace_quantized_layers(
         if storage[name] == "MatMulNBits":
             graph.node[layer.node_index].input[1] = ""  # so the consumer count below ignores it
         if _consumers(graph, old_weight) == 0:
-            _remove_initializer(graph, old_weight)
+            unused.add(old_weight)
+    _remove_initializers(graph, unused)
     nodes = list(before)
     for index, node in enumerate(graph.node):
         nodes += replaced.get(index, [node])
@@ -166,13 +167,12 @@ def replace_quantized_layers(
     return storage
 
 
-def _remove_initializer(graph: onnx.GraphProto, name: str) -> None:
-    keep = [init for init in graph.initializer if init.name != name]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    inputs = [value for value in graph.input if value.name != name]
-    del graph.input[:]
-    graph.input.extend(inputs)
+def _remove_initializers(graph: onnx.GraphProto, names: set[str]) -> None:
+    """Delete in place, by index: rebuilding the repeated field copies every tensor (for a 1 GB
+    graph, once per layer, that went past 19 GB of RSS)."""
+    for field in (graph.initializer, graph.input):
+        for index in reversed([i for i, value in enumerate(field) if value.name in names]):
+            del field[index]
 
 
 def _ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:

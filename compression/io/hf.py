@@ -114,7 +114,10 @@ def load_hf_dir(model_dir: Path) -> LoadedModel:
         InputSpec("attention_mask", (None, None), "int64"),
     ]
     output = {"causal_lm": "logits", "classifier": "logits"}.get(task, "mean_pooled_embeddings")
-    info = describe_module(wrapper, architectures[0] if architectures else config.model_type, output=output)
+    vocab = getattr(config, "vocab_size", None) if task == "causal_lm" else None
+    info = describe_module(
+        wrapper, architectures[0] if architectures else config.model_type, output=output, vocab_size=vocab
+    )
     info["model_dir"] = str(model_dir)
     return LoadedModel("hf_dir", wrapper.eval(), specs, task, _load_tokenizer(model_dir), None, info)
 

@@ -217,3 +217,22 @@ def test_pair_spearman_on_scored_pairs(tmp_path) -> None:  # type: ignore[no-unt
     metric = spearman_metric(loaded.module, loaded.module, loaded.tokenizer, pairs)
     assert metric["name"] == "spearman" and -1 <= metric["original"] <= 1 and metric["drop"] == 0.0
     assert read_pairs(tmp_path / "bert" / "vocab.txt") is None
+
+
+def test_wide_outputs_are_measured_in_chunks_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 262k-vocabulary LM's logits are scored a few rows at a time; the sums must not change."""
+    from compression.evaluate import fidelity
+
+    generator = torch.Generator().manual_seed(0)
+    ref = torch.randn(3, 7, 50, generator=generator)
+    out = ref + 0.3 * torch.randn(3, 7, 50, generator=generator)
+    log_p, log_q = F.log_softmax(ref.double(), -1), F.log_softmax(out.double(), -1)
+    kl = float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+    signal, noise = ref.double().pow(2).sum().item(), (ref.double() - out.double()).pow(2).sum().item()
+    monkeypatch.setattr(fidelity, "_CHUNK_ELEMENTS", 120)  # 2 rows of 50 per chunk: 11 chunks, the last short
+    assert len(list(fidelity._row_chunks(ref, out))) == 11
+    assert fidelity.energy_sums(ref, out) == (pytest.approx(signal, rel=1e-12), pytest.approx(noise, rel=1e-12))
+    acc = fidelity._Accumulator()
+    fidelity._add_distribution_metrics(acc, ref, out)
+    assert acc.mean("kl") == pytest.approx(kl, rel=1e-12)
+    assert acc.mean("top1") == pytest.approx(float((ref.argmax(-1) == out.argmax(-1)).double().mean()))

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from compression.configs import RTNConfig
-from compression.job import JobError, JobSpec, preflight, run_job
+from compression.io.model import LoadedModel
+from compression.job import JobError, JobSpec, latency_batches, preflight, rows_per_forward, run_job
 from compression.zoo.fmnist_resnet import export_fmnist_onnx, fashion_mnist_available, load_fashion_mnist
 
 warnings.filterwarnings("ignore")
@@ -145,3 +146,17 @@ def test_preflight_reports_checks_skips_and_estimates(inputs: dict[str, Path], t
     failed = [c for c in mismatch["checks"] if not c["ok"]]
     assert [c["name"] for c in failed] == ["calibration_matches_model"]
     assert "dataset_mismatch" in failed[0]["message"]
+
+
+def test_causal_lm_batches_are_sized_by_their_logits() -> None:
+    """One 512-token row of a 262k-vocabulary LM already makes 512 MB of logits: one row per forward,
+    and ORT is timed at batch 1 only; a small vocabulary keeps the usual sizes."""
+
+    def lm(vocab: int) -> LoadedModel:
+        return LoadedModel("hf_dir", torch.nn.Identity(), [], "causal_lm", info={"vocab_size": vocab})
+
+    assert rows_per_forward(lm(262_144), 512, 8) == 1 and latency_batches(lm(262_144), 512) == (1,)
+    assert rows_per_forward(lm(262_144), 128, 8) == 4 and latency_batches(lm(262_144), 128) == (1, 4)
+    assert rows_per_forward(lm(1_000), 512, 8) == 8 and latency_batches(lm(1_000), 512) == (1, 32)
+    encoder = LoadedModel("hf_dir", torch.nn.Identity(), [], "encoder", info={})
+    assert rows_per_forward(encoder, 512, 64) == 64
