@@ -155,7 +155,9 @@ def _linear_graph(cols: int) -> onnx.ModelProto:
     ("cols", "bits", "group", "symmetric"),
     [
         (64, 4, None, False),  # per-channel: ReduceSum zero term
-        (64, 2, 16, False),  # K % G == 0: reshape-and-sum zero term
+        (64, 4, 16, False),  # K % G == 0: reshape-and-sum zero term
+        (64, 2, 16, False),  # 2 bits: float zero points, no zero term
+        (40, 2, None, False),  # 2 bits per channel: float zero points repeated over the blocks
         (40, 4, 16, False),  # K % G != 0: membership-matrix zero term
         (64, 8, 32, True),  # no zero term
         (40, 3, 16, False),  # 3 bits: dequantize subgraph, transposed layout
@@ -171,8 +173,31 @@ def test_linear_layers_export_exactly(tmp_path: Path, cols: int, bits: int, grou
     with torch.no_grad():
         want = result.model(x=x).numpy()
     np.testing.assert_allclose(_ort(paths["onnx"], {"x": x.numpy()}), want, atol=2e-4 * np.abs(want).max())
-    count = sum(node.op_type == "MatMulNBits" for node in onnx.load(str(paths["onnx"])).graph.node)
-    assert count == (0 if bits == 3 else 3)
+    nodes = onnx.load(str(paths["onnx"])).graph.node
+    nbits = [node for node in nodes if node.op_type == "MatMulNBits"]
+    assert len(nbits) == (0 if bits == 3 else 3)
+    assert all(len(node.input) == (4 if bits == 2 else 3) for node in nbits)  # float zero points at 2 bits
+    zero_term = any(out.endswith("_zterm") for node in nodes for out in node.output)  # the float-Z correction
+    assert zero_term == (bits == 4)
+
+
+def test_two_bit_zero_points_survive_a_zero_scale(tmp_path: Path) -> None:
+    """A constant row is all Z (min/max gives S = 1e-12, a least-squares solve can give exactly 0): its
+    float zero point must stay finite and the output exact."""
+    path = tmp_path / "linear.onnx"
+    onnx.save(_linear_graph(64), str(path))
+    loaded = load_model(path, work_dir=tmp_path / "work")
+    with torch.no_grad():
+        loaded.module.get_submodule("w1").weight[3] = 0.25
+    result = fake_quantize(loaded.module, ["w1", "w2", "w3"], 2, 16, symmetric=False)
+    result.quantized["w1"].scales[3] = 0.0
+    x = torch.randn(6, 5, 64)
+    paths = export_artifacts(result, loaded, tmp_path / "out", example={"x": x}, manifest={}, options=EXACT)
+    with torch.no_grad():
+        want = result.model(x=x).numpy()
+    got = _ort(paths["onnx"], {"x": x.numpy()})
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, atol=2e-4 * np.abs(want).max())
 
 
 def _tiny_bert_rtn4(tmp_path: Path):  # type: ignore[no-untyped-def]
