@@ -24,25 +24,14 @@ from typing import Any
 
 import torch
 
+from compression.io.export import untied_state_dict
+
 DEFAULT_DIR = Path("/work/cache/gemma3-270m")
 WEIGHTS = "model.safetensors"
 
 
 def is_cached(out_dir: Path = DEFAULT_DIR) -> bool:
     return (out_dir / WEIGHTS).is_file() and (out_dir / "config.json").is_file()
-
-
-def untied_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The state dict without tensors that share storage with an earlier one (the tied lm_head)."""
-    seen: set[int] = set()
-    tensors = {}
-    for name, tensor in model.state_dict().items():
-        pointer = tensor.untyped_storage().data_ptr()
-        if pointer in seen:
-            continue
-        seen.add(pointer)
-        tensors[name] = tensor.detach().contiguous()
-    return tensors
 
 
 def plain_config(config: Any) -> Any:
@@ -73,7 +62,7 @@ def build_cache(out_dir: Path = DEFAULT_DIR, *, overwrite: bool = False) -> Path
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
         )
-    tensors = untied_state_dict(model)
+    tensors = {name: t.contiguous() for name, t in untied_state_dict(model)[0].items()}
     save_file(tensors, str(out_dir / WEIGHTS), metadata={"format": "pt"})
     plain_config(model.config).save_pretrained(str(out_dir))
     tokenizer.save_pretrained(str(out_dir))

@@ -259,6 +259,21 @@ def write_onnx(
     return storage
 
 
+def untied_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """The state dict with each shared storage once (safetensors refuses aliases, e.g. an LM head tied
+    to its embeddings), and {dropped name: the name it shares storage with}."""
+    first: dict[tuple[int, int, tuple[int, ...]], str] = {}
+    tensors, ties = {}, {}
+    for name, tensor in model.state_dict().items():
+        key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if tensor.numel() and key in first:  # empty tensors all sit at address 0
+            ties[name] = first[key]
+            continue
+        first[key] = name
+        tensors[name] = tensor.detach()
+    return tensors, ties
+
+
 def write_safetensors(result: CompressionResult, path: Path) -> dict[str, Any]:
     """Packed codes + fp16 scales/zeros per quantized layer, float tensors for everything else."""
     tensors: dict[str, torch.Tensor] = {}
@@ -277,15 +292,17 @@ def write_safetensors(result: CompressionResult, path: Path) -> dict[str, Any]:
             "orig_shape": list(quant.orig_shape),
         }
     quantized_weights = {f"{name}.weight" for name in result.quantized}
-    for key, value in result.model.state_dict().items():
+    floats, ties = untied_state_dict(result.model)
+    for key, value in floats.items():
         if key not in quantized_weights and key not in tensors:
-            tensors[key] = value.detach().cpu().contiguous()
+            tensors[key] = value.cpu().contiguous()
     metadata_ = {
         "format": "modelpress-packed-v1",
         "packing": "compression.primitives.pack: per row u = code + 2^(bits-1), padded to padded_cols "
         "with 2^(bits-1), little-endian bit stream",
         "dequantize": "W = (u - 2^(bits-1)) * scales[group] + zeros[group], groups of group_size columns",
         "layers": json.dumps(layers_meta),
+        "tied": json.dumps(ties),
     }
     save_file(tensors, str(path), metadata=metadata_)
     return layers_meta

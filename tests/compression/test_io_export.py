@@ -234,3 +234,26 @@ def test_hf_dir_artifact_reloads_with_transformers(tmp_path: Path) -> None:
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     with torch.no_grad():
         torch.testing.assert_close(reloaded.module(**batch), result.model(**batch))
+
+
+def test_tied_lm_head_is_written_once_and_recorded(tmp_path: Path) -> None:
+    """Gemma ties its output head to the embeddings: the packed artifact holds that storage once and
+    names the tie (safetensors refuses aliases), and the ONNX export still matches the model."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=64, sliding_window=16,
+    )  # fmt: skip
+    transformers.Gemma3ForCausalLM(config).save_pretrained(tmp_path / "lm")
+    loaded = load_model(tmp_path / "lm")
+    result = rtn(loaded.module, None, RTNConfig(bits=4, group_size=32))
+    ids = torch.randint(0, 128, (2, 12))
+    example = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    paths = export_artifacts(result, loaded, tmp_path / "out", example=example, manifest={}, options=EXACT)
+    with safe_open(str(paths["safetensors"]), "pt") as packed:
+        names, ties = set(packed.keys()), json.loads(packed.metadata()["tied"])
+    assert ties == {"model.lm_head.weight": "model.model.embed_tokens.weight"}
+    assert "model.model.embed_tokens.weight" in names and "model.lm_head.weight" not in names
+    assert verify_onnx(paths["onnx"], result.model, example)["passed"]
