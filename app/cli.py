@@ -68,7 +68,8 @@ class WorkerSupervisor:
 
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         name = f"embedded{index}@%h"
-        return subprocess.Popen(worker_command(self.queues, 1, name), cwd=ROOT, env=os.environ.copy())
+        command = worker_command(self.queues, 1, name)
+        return subprocess.Popen(command, cwd=ROOT, env=os.environ.copy(), preexec_fn=_terminate_with_parent)
 
     def _watch(self) -> None:
         while not self.stop.wait(2.0):
@@ -88,6 +89,18 @@ class WorkerSupervisor:
                 process.kill()
 
 
+def _terminate_with_parent() -> None:
+    """In a supervised worker, before exec: SIGTERM when `serve` dies, even by SIGKILL (Linux)."""
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
+
+
+def _exit_on_sigterm(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -95,6 +108,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     supervisor = WorkerSupervisor(args.workers, args.queues) if args.workers > 0 else None
     if supervisor:
         supervisor.start()
+    # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default handler that
+    # ended the process before the `finally` below, leaving the workers orphaned and still consuming.
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
         uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="info")
     finally:
