@@ -183,8 +183,8 @@ def table(results: list[dict[str, Any]]) -> dict[str, Any]:
                 report.get("metric"),
                 _round(report.get("original")),
                 _round(report.get("compressed")),
-                " → ".join(f"{b / 2**20:.3g}" for b in onnx if b is not None),
-                " → ".join(f"{ms:.1f}" for ms in b1 if ms is not None),
+                " → ".join(f"{b / 2**20:.4g}" for b in onnx if b is not None),
+                " → ".join(f"{ms:.0f}" if ms >= 100 else f"{ms:.3g}" for ms in b1 if ms is not None),
                 (report.get("export_check") or {}).get("passed"),
                 (report.get("gate") or {}).get("verdict"),
                 result["wall_s"],
@@ -242,16 +242,19 @@ def main() -> None:
 
 
 def save(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    """Write this run's results; with --only, the other models' earlier results stay."""
-    earlier = json.loads(RESULTS.read_text())["results"] if args.only and RESULTS.exists() else []
+    """Write this run's results; with --only, the other models' earlier results stay. The readings
+    (`notes`, written by a person) always stay."""
+    earlier = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     ran = {result["model"] for result in results}
-    results = [result for result in earlier if result["model"] not in ran] + results
+    kept = [result for result in earlier.get("results", []) if result["model"] not in ran] if args.only else []
+    results = kept + results
     payload = {
         "benchmark": "service_quantization",
         "deployment": "PostgreSQL + Redis + `modelpress serve --workers 1` (uvicorn + one Celery worker process)",
         "machine": f"{os.cpu_count()} CPUs, shared with other jobs",
         "results": results,
         "table": table(results),
+        "notes": earlier.get("notes", []),
     }
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(payload, indent=2, default=str))
