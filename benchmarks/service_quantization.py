@@ -58,10 +58,10 @@ def lee_text_split(tokenizer: Any, eval_tokens: int, out: Path) -> tuple[Path, P
 
 
 def gemma_case(directory: Path, tmp: Path) -> dict[str, Any]:
-    from compression.io.hf import _load_tokenizer
+    from compression.io.hf import load_tokenizer
 
     # the job reads 16 evaluation windows of 512 tokens: give it a little more than that
-    calibration, evaluation, split = lee_text_split(_load_tokenizer(directory), 16 * 511 + 512, tmp)
+    calibration, evaluation, split = lee_text_split(load_tokenizer(directory), 16 * 511 + 512, tmp)
     return {
         "name": "Gemma-3-270M",
         "model": directory,

@@ -82,7 +82,7 @@ def _build(model_dir: Path, task: Task) -> nn.Module:
     )
 
 
-def _load_tokenizer(model_dir: Path) -> Any | None:
+def load_tokenizer(model_dir: Path) -> Any | None:
     import transformers
 
     try:
@@ -119,7 +119,7 @@ def load_hf_dir(model_dir: Path) -> LoadedModel:
         wrapper, architectures[0] if architectures else config.model_type, output=output, vocab_size=vocab
     )
     info["model_dir"] = str(model_dir)
-    return LoadedModel("hf_dir", wrapper.eval(), specs, task, _load_tokenizer(model_dir), None, info)
+    return LoadedModel("hf_dir", wrapper.eval(), specs, task, load_tokenizer(model_dir), None, info)
 
 
 def export_hf_dir(model: nn.Module, loaded: LoadedModel, out_dir: Path) -> Path:

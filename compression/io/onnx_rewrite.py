@@ -26,9 +26,8 @@ from compression.primitives.pack import pack_codes, padded_length
 from compression.types import QuantizedLayer
 
 MATMUL_NBITS_BITS = (2, 4, 8)
-# ORT 1.32 on CPU, fp32 activations, per layer at 128 tokens: 2-bit with the default zero point plus our
-# float-Z correction ran 2x (batch 1 token: 37x) slower than fp32 MatMul; with float zero points, 1.1-1.25x.
-# 4-bit goes the other way (float zero points 1.7x slower than the correction), so only 2-bit uses them.
+# Measured by benchmarks/matmul_nbits.py (ORT 1.32, CPU, fp32 activations): at 2 bits float zero points are
+# ORT's faster path, at 4 bits the zero-term subgraph is (see the README table).
 FLOAT_ZERO_POINT_BITS = (2,)
 
 
@@ -55,9 +54,16 @@ def packed_rows(layer: QuantizedLayer, pad_to: int | None) -> np.ndarray:
 
 
 def matmul_nbits_nodes(
-    layer: QuantizedLayer, a_name: str, y_name: str, prefix: str, *, accuracy_level: int = 4
+    layer: QuantizedLayer,
+    a_name: str,
+    y_name: str,
+    prefix: str,
+    *,
+    accuracy_level: int = 4,
+    zero_points: bool | None = None,
 ) -> Subgraph:
-    """Y = A · dequant(W)ᵀ for W [N, K] = codes·S + Z (bias is the caller's)."""
+    """Y = A · dequant(W)ᵀ for W [N, K] = codes·S + Z (bias is the caller's). `zero_points`: float zero
+    points instead of the zero-term subgraph (default: at the widths in FLOAT_ZERO_POINT_BITS)."""
     n_out, cols = layer.codes.shape
     block = nbits_block_size(layer)
     k_blocks = -(-cols // block)
@@ -66,9 +72,11 @@ def matmul_nbits_nodes(
     has_zero = bool(layer.zeros.abs().max() > 0)
     inputs = [a_name, f"{prefix}_B", f"{prefix}_scales"]
     extra = []
-    if has_zero and layer.bits in FLOAT_ZERO_POINT_BITS:
-        scales, zero_points = float_zero_points(layer, scales)
-        extra, has_zero = [_const(f"{prefix}_zero_points", zero_points.numpy())], False
+    if zero_points is None:
+        zero_points = layer.bits in FLOAT_ZERO_POINT_BITS
+    if has_zero and zero_points:
+        scales, points = float_zero_points(layer, scales)
+        extra, has_zero = [_const(f"{prefix}_zero_points", points.numpy())], False
         inputs.append(f"{prefix}_zero_points")
     inits = [_const(f"{prefix}_B", packed), _const(f"{prefix}_scales", scales.numpy()), *extra]
     main_out = f"{prefix}_mm" if has_zero else y_name
