@@ -17,6 +17,7 @@ from torch import nn
 
 from compression.io.detect import PICKLE_MESSAGE, detect_format, find_file_dir, safe_extract
 from compression.io.errors import ModelLoadError
+from compression.io.onnx_checks import default_opset
 from compression.io.onnx_graph import fold_initializer_identities
 from compression.io.onnx_torch import OnnxModule
 from compression.io.pt2_safety import sanitize_pt2
@@ -111,13 +112,9 @@ def load_onnx(path: Path, work_dir: Path, *, model_format: Format = "onnx") -> L
         path = work_dir / "normalized.onnx"
         onnx.save_model(model, str(path), save_as_external_data=model.ByteSize() > 1_800_000_000)
     module = OnnxModule(model).eval()
-    info = describe_module(module, f"onnx graph ({len(model.graph.node)} nodes)", opset=_default_opset(model))
+    info = describe_module(module, f"onnx graph ({len(model.graph.node)} nodes)", opset=default_opset(model))
     info["layer_initializers"] = {name: layer.initializers for name, layer in module.layer_initializers.items()}
     return LoadedModel(model_format, module, _onnx_input_specs(model), _guess_task(model), None, path, info)
-
-
-def _default_opset(model: onnx.ModelProto) -> int:
-    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
 def _export_program_to_onnx(path: Path, work_dir: Path) -> Path:

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression.io.errors import ModelLoadError
+from compression.io.onnx_checks import default_opset, unsupported_operators, unsupported_variants
 from compression.io.onnx_graph import WeightLayer, find_weight_layers, node_attributes
-from compression.io.onnx_ops import MULTI_OUTPUT_OPS, OPS, SUPPORTED_OPS, run_split, tensor_from_proto
+from compression.io.onnx_ops import OPS, OpContext, spatial_pads, tensor_from_proto, torch_pad_list
 
 
 @dataclass
@@ -28,16 +29,8 @@ class _Step:
     inputs: list[str]
     outputs: list[str]
     attrs: dict[str, Any]
+    context: OpContext
     module: str | None = None  # dotted submodule name for weight layers
-
-
-def unsupported_operators(model: onnx.ModelProto) -> list[str]:
-    """Sorted `domain::op` (or `op`) names the converter cannot run; empty when all are supported."""
-    missing = set()
-    for node in model.graph.node:
-        if node.domain not in ("", "ai.onnx") or node.op_type not in SUPPORTED_OPS:
-            missing.add(f"{node.domain}::{node.op_type}" if node.domain else node.op_type)
-    return sorted(missing)
 
 
 def _attach(root: nn.Module, dotted: str, module: nn.Module) -> None:
@@ -52,22 +45,22 @@ def _attach(root: nn.Module, dotted: str, module: nn.Module) -> None:
     owner.add_module(leaf, module)
 
 
-def _conv_padding(attrs: dict[str, Any], spatial: int) -> tuple[list[int], list[int] | None]:
-    """(symmetric padding for the conv, explicit F.pad list when begin != end)."""
+def _static_conv_padding(attrs: dict[str, Any], spatial: int) -> list[int] | None:
+    """The symmetric padding an nn.Conv can hold, or None when it depends on the input (auto_pad
+    SAME_*) or differs between begin and end: the converted layer then pads explicitly first."""
     auto_pad = attrs.get("auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-    if auto_pad not in ("NOTSET", "VALID"):
-        raise ModelLoadError("unsupported_operator", f"Conv with auto_pad={auto_pad} is not supported")
-    pads = list(attrs.get("pads", [0] * (2 * spatial))) if auto_pad == "NOTSET" else [0] * (2 * spatial)
-    begin, end = pads[:spatial], pads[spatial:]
-    if begin == end:
-        return begin, None
-    return [0] * spatial, [p for pair in zip(reversed(begin), reversed(end), strict=True) for p in pair]
+    if auto_pad == "VALID":
+        return [0] * spatial
+    if auto_pad != "NOTSET":
+        return None
+    pads = list(attrs.get("pads", [0] * (2 * spatial)))
+    return pads[:spatial] if pads[:spatial] == pads[spatial:] else None
 
 
 def _build_conv(weight: torch.Tensor, bias: torch.Tensor | None, attrs: dict[str, Any]) -> nn.Module:
     spatial = weight.dim() - 2
-    padding, _ = _conv_padding(attrs, spatial)
+    padding = _static_conv_padding(attrs, spatial) or [0] * spatial
     groups = attrs.get("group", 1)
     cls = nn.Conv1d if spatial == 1 else nn.Conv2d
     conv = cls(
@@ -105,15 +98,24 @@ def _build_module(layer: WeightLayer, consts: dict[str, torch.Tensor], attrs: di
     return bn.eval()
 
 
+def _refuse_unsupported(model: onnx.ModelProto) -> None:
+    missing = unsupported_operators(model)
+    if missing:
+        raise ModelLoadError("unsupported_operator", f"unsupported ONNX operators: {', '.join(missing)}")
+    variants = unsupported_variants(model)
+    if variants:
+        raise ModelLoadError("unsupported_operator", f"unsupported ONNX operator variants: {'; '.join(variants)}")
+
+
 class OnnxModule(nn.Module):
-    """Runs an ONNX graph with torch. `forward(**inputs)` returns the graph's first output."""
+    """Runs an ONNX graph with torch. `forward(**inputs)` returns the graph's output, or a tuple of
+    all its outputs (in graph order) when it has more than one."""
 
     def __init__(self, model: onnx.ModelProto) -> None:
         super().__init__()
-        missing = unsupported_operators(model)
-        if missing:
-            raise ModelLoadError("unsupported_operator", f"unsupported ONNX operators: {', '.join(missing)}")
+        _refuse_unsupported(model)
         graph = model.graph
+        self.opset = default_opset(model)
         init_names = {init.name for init in graph.initializer}
         self.input_names = [i.name for i in graph.input if i.name not in init_names]
         self.output_names = [o.name for o in graph.output]
@@ -127,7 +129,9 @@ class OnnxModule(nn.Module):
             layer = by_node.get(index)
             if layer is not None:
                 _attach(self, layer.name, _build_module(layer, consts, attrs))
-            self._steps.append(_Step(node.op_type, list(node.input), list(node.output), attrs, layer and layer.name))
+            context = OpContext(self.opset, len(node.output))
+            step = _Step(node.op_type, list(node.input), list(node.output), attrs, context, layer and layer.name)
+            self._steps.append(step)
         owned = {name for layer in layers for name in layer.initializers.values()}
         self.constants = nn.Module()
         self._constant_keys: dict[str, str] = {}
@@ -144,7 +148,7 @@ class OnnxModule(nn.Module):
     def constant(self, name: str) -> torch.Tensor:
         return getattr(self.constants, self._constant_keys[name])
 
-    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         env: dict[str, torch.Tensor] = dict(zip(self.input_names, args, strict=False))
         env.update(kwargs)
         unknown = set(kwargs) - set(self.input_names)
@@ -155,7 +159,8 @@ class OnnxModule(nn.Module):
             inputs = [self._value(name, env) for name in names]
             outputs = self._run_step(step, inputs)
             env.update(zip(step.outputs, outputs, strict=False))
-        return env[self.output_names[0]]
+        results = tuple(self._value(name, env) for name in self.output_names)
+        return results[0] if len(results) == 1 else results
 
     def _value(self, name: str, env: dict[str, torch.Tensor]) -> torch.Tensor | None:
         if not name:
@@ -167,35 +172,16 @@ class OnnxModule(nn.Module):
     def _run_step(self, step: _Step, inputs: list[torch.Tensor | None]) -> list[torch.Tensor]:
         if step.module is not None:
             return [self._run_layer(step, inputs[0])]
-        if step.op_type == "Conv":
-            return [_functional_conv(inputs, step.attrs)]
-        if step.op_type == "BatchNormalization":
-            x, scale, bias, mean, var = inputs[:5]
-            return [F.batch_norm(x, mean, var, scale, bias, False, 0.0, step.attrs.get("epsilon", 1e-5))]
-        if step.op_type in MULTI_OUTPUT_OPS:
-            return run_split(inputs, step.attrs, len(step.outputs))
-        return OPS[step.op_type](inputs, step.attrs)
+        return OPS[step.op_type](inputs, step.attrs, step.context)
 
     def _run_layer(self, step: _Step, x: torch.Tensor) -> torch.Tensor:
         module = self.get_submodule(step.module)
-        if step.op_type == "Conv":
-            _, explicit = _conv_padding(step.attrs, x.dim() - 2)
-            return module(F.pad(x, explicit) if explicit else x)
+        if step.op_type == "Conv" and _static_conv_padding(step.attrs, x.dim() - 2) is None:
+            strides = list(step.attrs.get("strides", [1] * (x.dim() - 2)))
+            begin, end = spatial_pads(step.attrs, x.shape[2:], list(module.kernel_size), strides)
+            return module(F.pad(x, torch_pad_list(begin, end)))
         if isinstance(module, nn.BatchNorm2d) and x.dim() != 4:
             return F.batch_norm(
                 x, module.running_mean, module.running_var, module.weight, module.bias, False, 0.0, module.eps
             )
         return module(x)
-
-
-def _functional_conv(inputs: list[torch.Tensor | None], attrs: dict[str, Any]) -> torch.Tensor:
-    x, weight = inputs[0], inputs[1]
-    bias = inputs[2] if len(inputs) > 2 else None
-    spatial = weight.dim() - 2
-    padding, explicit = _conv_padding(attrs, spatial)
-    if explicit:
-        x = F.pad(x, explicit)
-    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
-    strides = attrs.get("strides", [1] * spatial)
-    dilations = attrs.get("dilations", [1] * spatial)
-    return fn(x, weight, bias, strides, padding, dilations, attrs.get("group", 1))
