@@ -101,11 +101,22 @@ def _add_missing_bias(graph: onnx.GraphProto, layer: WeightLayer, module: nn.Mod
     return replace(layer, initializers={**layer.initializers, "bias": name})
 
 
+def _sync_conv_group(graph: onnx.GraphProto, layer: WeightLayer, module: nn.Module) -> None:
+    """A pruned depthwise/grouped conv has fewer groups: the node's `group` attribute follows the module."""
+    node = graph.node[layer.node_index]
+    if node.op_type != "Conv" or not isinstance(module, nn.Conv1d | nn.Conv2d):
+        return
+    kept = [attr for attr in node.attribute if attr.name != "group"]
+    del node.attribute[:]
+    node.attribute.extend([*kept, helper.make_attribute("group", module.groups)])
+
+
 def sync_initializers(graph: onnx.GraphProto, layers: dict[str, WeightLayer], model: nn.Module) -> None:
     """Write every converted layer's (and constant's) current tensors back into the graph."""
     for name in list(layers):
         module = model.get_submodule(name)
         layer = layers[name] = _add_missing_bias(graph, layers[name], module)
+        _sync_conv_group(graph, layer, module)
         for role, tensor in _layer_tensors(layer, module).items():
             _set_initializer(graph, layer.initializers[role], tensor)
     if isinstance(model, OnnxModule):

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from onnx import numpy_helper
 from torch import fx, nn
 
 WeightLayer = nn.Conv2d | nn.Linear
@@ -224,8 +225,11 @@ def _ops_from_onnx_steps(module: nn.Module, prefix: str) -> list[_Op] | None:
         return None
     made_by: dict[str, int] = {}
     ops: list[_Op] = []
+    constant_nodes: dict[str, Any] = {}  # output name -> Constant step, for Clip's bounds
     for i, step in enumerate(steps):
-        ops.append(_classify_onnx_step(step, module, prefix))
+        ops.append(_classify_onnx_step(step, module, prefix, constant_nodes))
+        if step.op_type == "Constant":
+            constant_nodes.update({name: step for name in step.outputs})
         for name in step.inputs:
             if name in made_by:
                 ops[made_by[name]].users.append(i)
@@ -237,10 +241,38 @@ def _ops_from_onnx_steps(module: nn.Module, prefix: str) -> list[_Op] | None:
     return ops
 
 
-def _classify_onnx_step(step: Any, module: nn.Module, prefix: str) -> _Op:
+def _onnx_scalar(name: str, module: nn.Module, constant_nodes: dict[str, Any]) -> float | None:
+    """The value of a scalar graph constant (an initializer or a Constant node's output), else None."""
+    if name in getattr(module, "_constant_keys", {}):
+        value = module.constant(name)
+        return float(value.reshape(-1)[0]) if value.numel() == 1 else None
+    producer = constant_nodes.get(name)
+    if producer is None or "value" not in producer.attrs:
+        return None
+    array = numpy_helper.to_array(producer.attrs["value"])
+    return float(array.reshape(-1)[0]) if array.size == 1 else None
+
+
+def _clip_activation(step: Any, module: nn.Module, constant_nodes: dict[str, Any]) -> str | None:
+    """Clip(0, 6) is ReLU6 and Clip(0, none) is ReLU (torch exports both that way); other bounds: None."""
+    if step.context.opset < 11:
+        low, high = step.attrs.get("min"), step.attrs.get("max")
+    else:
+        names = [*step.inputs[1:3], "", ""][:2]
+        low, high = (_onnx_scalar(n, module, constant_nodes) if n else None for n in names)
+        if any(n and v is None for n, v in zip(names, (low, high), strict=True)):
+            return None  # a bound that is not a constant
+    if low == 0 and high is None:
+        return "relu"
+    return "relu6" if (low, high) == (0, 6) else None
+
+
+def _classify_onnx_step(step: Any, module: nn.Module, prefix: str, constant_nodes: dict[str, Any]) -> _Op:
     if step.module is not None:
         return _classify_module(module.get_submodule(step.module), prefix + step.module)
     op_type = step.op_type
+    if op_type == "Clip" and _clip_activation(step, module, constant_nodes):
+        return _Op("act", _clip_activation(step, module, constant_nodes))
     if op_type in _ONNX_ACTIVATIONS:
         return _Op("act", _ONNX_ACTIVATIONS[op_type])
     if op_type in _ONNX_MEAN_PRESERVING:
