@@ -13,13 +13,20 @@ ProgressFn = Callable[[float, str], None]
 """progress(fraction 0..1 of this method's work, short human message)."""
 
 
+def primary_output(output: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The tensor methods and metrics work on: a model's output, or the first output of a model with several
+    (an imported ONNX graph returns a tuple of all its outputs)."""
+    return output[0] if isinstance(output, tuple | list) else output
+
+
 def no_progress(fraction: float, message: str) -> None:
     return None
 
 
 @dataclass
 class Batches:
-    """Model inputs as keyword batches: `model(**batch)` returns one tensor (logits or hidden states)."""
+    """Model inputs as keyword batches: `model(**batch)` returns one tensor (logits or hidden states), or a
+    tuple whose `primary_output` is that tensor."""
 
     inputs: list[dict[str, torch.Tensor]]
     labels: list[torch.Tensor] | None = None

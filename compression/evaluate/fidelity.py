@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from compression.types import Batches
+from compression.types import Batches, primary_output
 
 _CHUNK_ELEMENTS = 1 << 22  # float64 work per step: 32 MB, however wide the outputs (a 262k vocabulary)
 
@@ -55,7 +55,7 @@ def paired_outputs(
     compressed.eval()
     labels = batches.labels or [None] * len(batches)
     for batch, label in zip(batches.inputs, labels, strict=True):
-        yield original(**batch).float(), compressed(**batch).float(), label, batch
+        yield primary_output(original(**batch)).float(), primary_output(compressed(**batch)).float(), label, batch
 
 
 class _Accumulator:

@@ -352,22 +352,32 @@ def export_artifacts(
     return paths
 
 
+def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    scale = float(np.abs(want).max()) if want.size else 1.0
+    return float(np.abs(got - want).max()) / (scale or 1.0) if want.size else 0.0
+
+
 def verify_onnx(
     onnx_path: Path, model: nn.Module, example: dict[str, torch.Tensor], *, tolerance: float = 2e-2
 ) -> dict[str, Any]:
-    """Run the exported ONNX with ORT and the torch model on `example`; relative max error and verdict."""
+    """Run the exported ONNX with ORT and the torch model on `example`: the relative max error over every
+    output and the verdict; top-1 agreement and cosine on the first (primary) output."""
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     wanted = {i.name for i in session.get_inputs()}
     feeds = {name: t.detach().cpu().numpy() for name, t in example.items() if name in wanted}
-    got = session.run(None, feeds)[0]
+    got_all = session.run(None, feeds)
     with torch.no_grad():
-        want = model(**example).detach().cpu().numpy()
-    if got.shape != want.shape:
-        return {"passed": False, "reason": f"shape {got.shape} != {want.shape}"}
-    scale = float(np.abs(want).max()) or 1.0
-    rel = float(np.abs(got - want).max()) / scale
+        output = model(**example)
+    want_all = [t.detach().cpu().numpy() for t in (output if isinstance(output, tuple) else (output,))]
+    if len(got_all) != len(want_all):
+        return {"passed": False, "reason": f"{len(got_all)} ONNX outputs != {len(want_all)} model outputs"}
+    for got, want in zip(got_all, want_all, strict=True):
+        if got.shape != want.shape:
+            return {"passed": False, "reason": f"shape {got.shape} != {want.shape}"}
+    rel = max(_relative_error(got, want) for got, want in zip(got_all, want_all, strict=True))
+    got, want = got_all[0], want_all[0]
     agree = float((got.argmax(-1) == want.argmax(-1)).mean()) if got.ndim >= 2 else None
     flat_got, flat_want = got.reshape(len(got), -1), want.reshape(len(want), -1)
     norms = np.linalg.norm(flat_got, axis=1) * np.linalg.norm(flat_want, axis=1)

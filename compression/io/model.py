@@ -48,7 +48,8 @@ class InputSpec:
 
 @dataclass
 class LoadedModel:
-    """A loaded model: `module(**inputs)` returns one tensor (logits, or embeddings for encoders)."""
+    """A loaded model: `module(**inputs)` returns one tensor (logits, or embeddings for encoders), or, for
+    an ONNX graph with several outputs, a tuple of all of them (`compression.types.primary_output` is the first)."""
 
     format: Format
     module: nn.Module

@@ -35,7 +35,7 @@ from compression.primitives.depgraph import ChannelGroup, GroupScan
 from compression.primitives.importance import Importance, make_importance
 from compression.primitives.layers import matches_any
 from compression.primitives.recovery import distill, recalibrate_batchnorm
-from compression.types import Batches, CompressionResult, ProgressFn, no_progress
+from compression.types import Batches, CompressionResult, ProgressFn, no_progress, primary_output
 
 LatencyFn = Callable[[nn.Module], float]
 _SEARCH_ITERATIONS = 40
@@ -98,7 +98,7 @@ def prune_structured(
     if calib is None or len(calib) == 0:
         raise CompressionError("calibration_required", "prune_structured needs at least one calibration batch")
     with torch.inference_mode(False), _eval_mode(model), torch.no_grad():
-        reference = model(**calib.inputs[0])
+        reference = primary_output(model(**calib.inputs[0]))
         work = copy.deepcopy(model).eval()
     with torch.inference_mode(False), torch.random.fork_rng():
         torch.manual_seed(config.seed)
@@ -353,7 +353,7 @@ def _check_runs(work: nn.Module, batch: dict[str, Any], reference: torch.Tensor)
     handles = [m.register_forward_pre_hook(lambda mod, args: last.append(names[mod])) for m in work.modules()]
     try:
         with torch.no_grad():
-            output = work(**batch)
+            output = primary_output(work(**batch))
     except Exception as error:
         where = f" in module '{last[-1]}'" if last else ""
         raise CompressionError(

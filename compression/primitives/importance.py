@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from compression.primitives.depgraph import ChannelGroup, Member
-from compression.types import Batches
+from compression.types import Batches, primary_output
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 
@@ -157,7 +157,7 @@ def _loss_gradients(model: nn.Module, calib: Batches, max_batches: int) -> dict[
     try:
         with torch.enable_grad():
             for batch, labels in list(zip(calib.inputs, calib.labels or [], strict=False))[:max_batches]:
-                logits = model(**batch)
+                logits = primary_output(model(**batch))
                 nn.functional.cross_entropy(logits.float().flatten(0, -2), labels.flatten().long()).backward()
         return {id(p): p.grad.detach().clone() for p in params if p.grad is not None}
     finally:

@@ -15,7 +15,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from compression.types import Batches, ProgressFn, no_progress
+from compression.types import Batches, ProgressFn, no_progress, primary_output
 
 DistillLoss = Literal["auto", "kl", "mse"]
 
@@ -101,7 +101,7 @@ def distill(
     batches = [plain_batch(batch) for batch in calib.inputs]
     with torch.inference_mode(False), torch.no_grad():
         teacher.eval()
-        targets = [teacher(**batch).detach() for batch in batches]
+        targets = [primary_output(teacher(**batch)).detach() for batch in batches]
     kind = _resolve_loss(loss, calib, targets[0])
     params = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
@@ -110,7 +110,7 @@ def distill(
     _train_mode_without_dropout(student)
     with torch.inference_mode(False), torch.enable_grad():
         for step, index in enumerate(_batch_order(len(batches), steps, seed)):
-            value = distillation_loss(student(**batches[index]), targets[index], kind, temperature)
+            value = distillation_loss(primary_output(student(**batches[index])), targets[index], kind, temperature)
             optimizer.zero_grad(set_to_none=True)
             value.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)

@@ -33,7 +33,7 @@ from torch import nn
 from compression.evaluate.fidelity import sqnr_db
 from compression.primitives.layers import get_weight_matrix, set_weight_matrix
 from compression.primitives.sequential import batches_on, find_blocks
-from compression.types import Batches, ProgressFn, no_progress
+from compression.types import Batches, ProgressFn, no_progress, primary_output
 
 Table = dict[str, dict[str, dict[str, float | None]]]
 """layer name -> str(bits) -> raw metrics (sqnr_db, kl, top1_agreement, cosine, accuracy, accuracy_ref)."""
@@ -91,7 +91,7 @@ def digest_batches(batches: Batches) -> str:
 
 @torch.no_grad()
 def run_outputs(model: nn.Module, batches: Batches) -> list[torch.Tensor]:
-    return [model(**batch).float() for batch in batches]
+    return [primary_output(model(**batch)).float() for batch in batches]
 
 
 def output_metrics(
@@ -222,7 +222,7 @@ class OutputRunner:
             outputs = []
             for index, batch in enumerate(self.batches):
                 self.state["batch"] = index
-                outputs.append(self.model(**batch).float())
+                outputs.append(primary_output(self.model(**batch)).float())
             return outputs
         finally:
             for i, block in enumerate(originals):
