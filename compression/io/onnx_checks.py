@@ -88,7 +88,21 @@ def _constant(node: onnx.NodeProto, attrs: dict[str, Any], opset: int, inits: di
     return [f"attribute {name}" for name in sorted(set(attrs) - known)]
 
 
+def _resize(node: onnx.NodeProto, attrs: dict[str, Any], opset: int, inits: dict[str, TensorProto]) -> list[str]:
+    def text(name: str, default: str) -> str:
+        value = attrs.get(name, default)
+        return value.decode() if isinstance(value, bytes) else value
+
+    problems = [f"attribute antialias={attrs['antialias']}"] if attrs.get("antialias", 0) else []
+    if text("coordinate_transformation_mode", "half_pixel") in ("tf_crop_and_resize", "tf_half_pixel_for_nn"):
+        problems.append(f"attribute coordinate_transformation_mode={text('coordinate_transformation_mode', '')}")
+    if text("keep_aspect_ratio_policy", "stretch") != "stretch":
+        problems.append(f"attribute keep_aspect_ratio_policy={text('keep_aspect_ratio_policy', '')}")
+    return problems
+
+
 NODE_CHECKS: dict[str, NodeCheck] = {
+    "Resize": _resize,
     "Cast": _cast,
     "AveragePool": _average_pool,
     "MaxPool": _max_pool,

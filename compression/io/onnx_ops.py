@@ -20,6 +20,8 @@ import torch
 import torch.nn.functional as F
 from onnx import TensorProto, numpy_helper
 
+from compression.io.onnx_resize import resize
+
 
 @dataclass(frozen=True)
 class OpContext:
@@ -532,6 +534,7 @@ OPS: dict[str, OpFn] = {
     "Tile": _tile,
     "Trilu": _trilu,
     "Pad": _pad,
+    "Resize": resize,
     "ReduceMean": _reduce("mean"),
     "ReduceSum": _reduce("sum"),
     "ReduceMax": _reduce("amax"),

@@ -131,7 +131,11 @@ LEGACY_NODES = {
     "reducemean_opset13_axes_attribute": (_node("ReduceMean", ["x"], ["y0"], axes=[1, -1], keepdims=0), 13),
     "reducesum_opset11_axes_attribute": (_node("ReduceSum", ["x"], ["y0"], axes=[2]), 11),
     "split_opset11_split_attribute": (_node("Split", ["x"], ["y0", "y1"], axis=1, split=[1, 2]), 11),
+    "resize_opset10_nearest_scales_input": (_node("Resize", ["x", "scales"], ["y0"], mode="nearest"), 10),
+    "resize_opset10_linear_scales_input": (_node("Resize", ["x", "scales"], ["y0"], mode="linear"), 10),
+    "resize_opset13_linear_half_pixel": (_node("Resize", ["x", "", "scales"], ["y0"], mode="linear"), 13),
 }  # fmt: skip
+SCALES = numpy_helper.from_array(np.array([1.0, 1.0, 2.0, 1.5], dtype=np.float32), "scales")
 
 
 @pytest.mark.parametrize("name", sorted(LEGACY_NODES))
@@ -139,6 +143,8 @@ def test_older_opset_forms_match_onnxruntime(name: str) -> None:
     node, opset = LEGACY_NODES[name]
     x = np.random.default_rng(0).standard_normal((1, 3, 4, 5)).astype(np.float32)
     model = _single_node_model(node, opset, x, outputs=len(node.output))
+    if "scales" in node.input:
+        model.graph.initializer.append(SCALES)
     session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     want = session.run(None, {"x": x})
     with torch.no_grad():
