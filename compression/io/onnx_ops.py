@@ -406,6 +406,13 @@ def _softmax(fn: Callable[..., torch.Tensor]) -> OpFn:
     return run
 
 
+def _upsample(inputs: Inputs, attrs: dict[str, Any], ctx: OpContext) -> list[torch.Tensor]:
+    """Upsample (opsets 7-9, Resize's predecessor): scales an attribute, then an input; asymmetric coordinates."""
+    scales = inputs[1] if _opt(inputs, 1) is not None else torch.tensor(list(attrs["scales"]))
+    mode = "linear" if _text(attrs.get("mode", "nearest")) in ("linear", "bilinear") else "nearest"
+    return resize([inputs[0], scales], {"mode": mode}, OpContext(opset=10))
+
+
 def _gelu(inputs: Inputs, attrs: dict[str, Any], ctx: OpContext) -> list[torch.Tensor]:
     return [F.gelu(inputs[0], approximate=_text(attrs.get("approximate", "none")))]
 
@@ -535,6 +542,7 @@ OPS: dict[str, OpFn] = {
     "Trilu": _trilu,
     "Pad": _pad,
     "Resize": resize,
+    "Upsample": _upsample,
     "ReduceMean": _reduce("mean"),
     "ReduceSum": _reduce("sum"),
     "ReduceMax": _reduce("amax"),

@@ -134,6 +134,9 @@ LEGACY_NODES = {
     "resize_opset10_nearest_scales_input": (_node("Resize", ["x", "scales"], ["y0"], mode="nearest"), 10),
     "resize_opset10_linear_scales_input": (_node("Resize", ["x", "scales"], ["y0"], mode="linear"), 10),
     "resize_opset13_linear_half_pixel": (_node("Resize", ["x", "", "scales"], ["y0"], mode="linear"), 13),
+    "upsample_opset9_nearest_scales_input": (_node("Upsample", ["x", "scales"], ["y0"], mode="nearest"), 9),
+    "upsample_opset9_linear_scales_input": (_node("Upsample", ["x", "scales"], ["y0"], mode="linear"), 9),
+    "upsample_opset7_scales_attribute": (_node("Upsample", ["x"], ["y0"], scales=[1.0, 1.0, 2.0, 3.0]), 7),
 }  # fmt: skip
 SCALES = numpy_helper.from_array(np.array([1.0, 1.0, 2.0, 1.5], dtype=np.float32), "scales")
 
@@ -153,3 +156,20 @@ def test_older_opset_forms_match_onnxruntime(name: str) -> None:
     assert len(got) == len(want)
     for tensor, expected in zip(got, want, strict=True):
         np.testing.assert_allclose(tensor.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding", [{"auto_pad": "SAME_UPPER"}, {"auto_pad": "SAME_LOWER"}, {"pads": [0, 1, 2, 1]}])
+def test_conv_layer_with_uneven_padding_matches_onnxruntime(padding: dict) -> None:
+    """A Conv with a constant weight becomes an nn.Conv2d; padding it cannot hold is applied before it."""
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((2, 3, 7, 6)).astype(np.float32)
+    weight = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 2)).astype(np.float32), "conv.weight")
+    conv = _node("Conv", ["x", "conv.weight"], ["y0"], strides=[2, 1], **padding)
+    model = _single_node_model(conv, 17, x)
+    model.graph.initializer.append(weight)
+    module = OnnxModule(model)
+    assert isinstance(module.get_submodule("conv"), torch.nn.Conv2d)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        got = module(x=torch.from_numpy(x)).numpy()
+    np.testing.assert_allclose(got, session.run(None, {"x": x})[0], rtol=1e-5, atol=1e-5)
