@@ -46,15 +46,6 @@ def _cast(node: onnx.NodeProto, attrs: dict[str, Any], opset: int, inits: dict[s
     return [] if target in ONNX_TO_TORCH_DTYPE else [f"attribute to={_type_name(target)}"]
 
 
-def _average_pool(node: onnx.NodeProto, attrs: dict[str, Any], opset: int, inits: dict[str, TensorProto]) -> list[str]:
-    dilations = list(attrs.get("dilations", []))
-    return [f"attribute dilations={dilations}"] if any(d != 1 for d in dilations) else []
-
-
-def _max_pool(node: onnx.NodeProto, attrs: dict[str, Any], opset: int, inits: dict[str, TensorProto]) -> list[str]:
-    return ["output Indices"] if _present(node.output, 1) else []
-
-
 def _batch_norm(node: onnx.NodeProto, attrs: dict[str, Any], opset: int, inits: dict[str, TensorProto]) -> list[str]:
     problems = []
     if attrs.get("training_mode", 0):
@@ -104,8 +95,6 @@ def _resize(node: onnx.NodeProto, attrs: dict[str, Any], opset: int, inits: dict
 NODE_CHECKS: dict[str, NodeCheck] = {
     "Resize": _resize,
     "Cast": _cast,
-    "AveragePool": _average_pool,
-    "MaxPool": _max_pool,
     "BatchNormalization": _batch_norm,
     "Dropout": _dropout,
     "Pad": _pad,

@@ -352,11 +352,18 @@ def _pool(kind: str) -> OpFn:
         ceil = bool(attrs.get("ceil_mode", 0))
         native = _native_padding(begin, end, kernel, dilations)
         if kind == "max":
-            if not native:
-                data, begin = F.pad(data, torch_pad_list(begin, end), value=-math.inf), [0] * spatial
+            padded = data if native else F.pad(data, torch_pad_list(begin, end), value=-math.inf)
             fn = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}[spatial]
-            return [fn(data, kernel, strides, begin, dilations, ceil_mode=ceil)]
-        return [_average_pool(data, kernel, strides, (begin, end), ceil, bool(attrs.get("count_include_pad", 0)))]
+            pooled, index = fn(padded, kernel, strides, begin if native else 0, dilations, ceil, return_indices=True)
+            if ctx.outputs == 1:
+                return [pooled]
+            offsets = [0] * spatial if native else begin
+            column_major = bool(attrs.get("storage_order", 0))
+            return [pooled, _onnx_pool_indices(index, data.shape, padded.shape, offsets, column_major)]
+        include = bool(attrs.get("count_include_pad", 0))
+        if any(d != 1 for d in dilations):
+            return [_dilated_average_pool(data, kernel, strides, dilations, (begin, end), ceil, include)]
+        return [_average_pool(data, kernel, strides, (begin, end), ceil, include)]
 
     return run
 
@@ -374,6 +381,52 @@ def _average_pool(
     padded = F.pad(data, flat)
     counted = F.pad(torch.ones_like(data[:1, :1]), flat, value=1.0 if include_pad else 0.0)
     return fn(padded, kernel, strides, ceil_mode=ceil) / fn(counted, kernel, strides, ceil_mode=ceil)
+
+
+def _onnx_pool_indices(
+    index: torch.Tensor, shape: torch.Size, padded_shape: torch.Size, begin: list[int], column_major: bool
+) -> torch.Tensor:  # fmt: skip
+    """torch's per-plane argmax positions (in the padded plane) -> ONNX's index into the whole input
+    (row-major, or column-major within each plane for storage_order=1)."""
+    plane, padded_plane = list(shape[2:]), list(padded_shape[2:])
+    flat, remainder = torch.zeros_like(index), index
+    for axis in reversed(range(len(plane))):  # unravel in the padded plane, ravel in the input's
+        position = remainder % padded_plane[axis] - begin[axis]
+        remainder = remainder // padded_plane[axis]
+        stride = math.prod(plane[:axis]) if column_major else math.prod(plane[axis + 1 :])
+        flat = flat + position * stride
+    planes = torch.arange(shape[0] * shape[1], dtype=torch.int64).reshape(shape[0], shape[1], *[1] * len(plane))
+    return flat + planes * math.prod(plane)
+
+
+def _ceil_extra(size: int, window: int, stride: int, begin: int, end: int) -> int:
+    """Cells past the end padding that ceil_mode's last window reads (it must start inside input or begin pad)."""
+    total = size + begin + end
+    count = -(-(total - window) // stride) + 1
+    if (count - 1) * stride >= size + begin:
+        count -= 1
+    return max(0, (count - 1) * stride + window - total)
+
+
+def _dilated_average_pool(
+    data: torch.Tensor, kernel: list[int], strides: list[int], dilations: list[int],
+    pads: tuple[list[int], list[int]], ceil: bool, include_pad: bool,
+) -> torch.Tensor:  # fmt: skip
+    """torch's avg_pool has no dilation: sum with a dilated all-ones kernel, divide by the counted cells."""
+    spatial, (begin, end) = len(kernel), pads
+    windows = [(k - 1) * d + 1 for k, d in zip(kernel, dilations, strict=True)]
+    extra = [
+        _ceil_extra(*args) if ceil else 0 for args in zip(data.shape[2:], windows, strides, begin, end, strict=True)
+    ]
+    fn = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[spatial]
+    ones = torch.ones(1, 1, *kernel, dtype=data.dtype)
+    flat = data.reshape(-1, 1, *data.shape[2:])
+    padded = F.pad(F.pad(flat, torch_pad_list(begin, end)), torch_pad_list([0] * spatial, extra))
+    counted = F.pad(torch.ones_like(flat[:1]), torch_pad_list(begin, end), value=1.0 if include_pad else 0.0)
+    counted = F.pad(counted, torch_pad_list([0] * spatial, extra))
+    sums = fn(padded, ones, None, strides, 0, dilations)
+    out = sums / fn(counted, ones, None, strides, 0, dilations)
+    return out.reshape(*data.shape[:2], *out.shape[2:])
 
 
 def conv(inputs: Inputs, attrs: dict[str, Any], ctx: OpContext) -> list[torch.Tensor]:
