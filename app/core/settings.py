@@ -50,8 +50,9 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _lease_outlasts_sends(self) -> Settings:
-        if self.webhook_claim_lease_s < 4 * self.webhook_timeout_s:
-            raise ValueError("MODELPRESS_WEBHOOK_CLAIM_LEASE_S must be at least 4 x MODELPRESS_WEBHOOK_TIMEOUT_S")
+        # One webhook send can take 4 timeouts (two connects, send, read); a lease must fit a few in a row.
+        if self.webhook_claim_lease_s < 6 * self.webhook_timeout_s:
+            raise ValueError("MODELPRESS_WEBHOOK_CLAIM_LEASE_S must be at least 6 x MODELPRESS_WEBHOOK_TIMEOUT_S")
         return self
 
     @property

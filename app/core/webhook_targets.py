@@ -31,12 +31,12 @@ class TargetUnresolvable(ValueError):
 @dataclass(frozen=True)
 class PinnedTarget:
     url: httpx.URL
-    ip: str
+    ips: tuple[str, ...]  # every address the host resolved to, all checked, in resolver order
 
-    def request_args(self) -> dict[str, Any]:
+    def request_args(self, ip: str) -> dict[str, Any]:
         """URL, Host header and SNI so that the connection goes to `ip` and nowhere else."""
         return {
-            "url": self.url.copy_with(host=self.ip),
+            "url": self.url.copy_with(host=ip),
             "headers": {"Host": self.url.netloc.decode("ascii")},
             "extensions": {"sni_hostname": self.url.host} if self.url.scheme == "https" else {},
         }
@@ -78,7 +78,7 @@ def resolve_target(url: str, *, allow_private: bool) -> PinnedTarget:
         parsed = httpx.URL(url)
     except httpx.InvalidURL as exc:
         raise TargetForbidden(f"invalid URL: {exc}") from exc
-    return PinnedTarget(url=parsed, ip=str(addresses[0]))
+    return PinnedTarget(url=parsed, ips=tuple(str(ip) for ip in addresses))
 
 
 def _resolve(host: str, scheme: str) -> list[IPAddress]:

@@ -35,8 +35,9 @@ MAX_ATTEMPTS = 8
 BACKOFF_BASE_S = 2.0
 REPLAY_WINDOW_S = 300
 MAX_SENDER_THREADS = 16
-# Connect, send and read each get the timeout: no send starts unless all three fit in the claim's lease.
-SEND_PHASES = 3
+MAX_ADDRESSES_TRIED = 2
+# Each connect, the send and the read get the timeout: no send starts unless all fit in the claim's lease.
+SEND_PHASES = MAX_ADDRESSES_TRIED + 2
 
 
 def sign(secret: str, body: bytes, timestamp: int | None = None) -> str:
@@ -155,8 +156,26 @@ def _attempt(item: Outgoing, run: Pass) -> str:
 
 
 def _post(item: Outgoing, target: PinnedTarget, run: Pass) -> tuple[int | None, str | None, int]:
-    """POST to the checked address; returns (status, transport error, ms). The response body is never read."""
-    pinned = target.request_args()
+    """POST to a checked address; returns (status, transport error, ms). The response body is never read.
+
+    Like a plain connect, the next address is tried when one refuses the connection (a name with an
+    IPv6 address the sender cannot reach, say), up to MAX_ADDRESSES_TRIED.
+    """
+    started = time.monotonic()
+    status, error = None, None
+    for ip in target.ips[:MAX_ADDRESSES_TRIED]:
+        try:
+            status, error = _post_to(item, target.request_args(ip), run), None
+            break
+        except httpx.ConnectError as exc:
+            error = f"{type(exc).__name__}: {exc}"[:500]
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}"[:500]
+            break
+    return status, error, round((time.monotonic() - started) * 1000)
+
+
+def _post_to(item: Outgoing, pinned: dict[str, Any], run: Pass) -> int:
     headers = {
         "Content-Type": "application/json",
         SIGNATURE_HEADER: sign(item.secret, item.body),
@@ -164,25 +183,19 @@ def _post(item: Outgoing, target: PinnedTarget, run: Pass) -> tuple[int | None, 
         "Modelpress-Event": item.event,
         **pinned["headers"],
     }
-    started = time.monotonic()
-    status, error = None, None
-    try:
-        with (
-            _http(run) as http,
-            http.stream(
-                "POST",
-                pinned["url"],
-                content=item.body,
-                headers=headers,
-                extensions=pinned["extensions"],
-                timeout=run.settings.webhook_timeout_s,
-                follow_redirects=False,  # a redirect could point anywhere, inside included
-            ) as response,
-        ):
-            status = response.status_code
-    except httpx.HTTPError as exc:
-        error = f"{type(exc).__name__}: {exc}"[:500]
-    return status, error, round((time.monotonic() - started) * 1000)
+    with (
+        _http(run) as http,
+        http.stream(
+            "POST",
+            pinned["url"],
+            content=item.body,
+            headers=headers,
+            extensions=pinned["extensions"],
+            timeout=run.settings.webhook_timeout_s,
+            follow_redirects=False,  # a redirect could point anywhere, inside included
+        ) as response,
+    ):
+        return response.status_code
 
 
 def _http(run: Pass) -> AbstractContextManager[httpx.Client]:

@@ -9,8 +9,8 @@ import httpx
 import pytest
 
 from app.core.settings import get_settings
-from app.core.webhook_targets import TargetForbidden, resolve_target
-from app.core.webhooks import deliver_due
+from app.core.webhook_targets import PinnedTarget, TargetForbidden, resolve_target
+from app.core.webhooks import Outgoing, Pass, _post, deliver_due
 from tests.app.test_api import _job, onnx_model  # noqa: F401 - fixture
 from tests.helpers.webhooks import http_receiver, self_signed_localhost
 
@@ -81,7 +81,7 @@ def test_public_addresses_are_accepted(api) -> None:  # type: ignore[no-untyped-
     response = api.post("/v1/webhooks", json={"url": "https://8.8.8.8:8443/hooks/modelpress"})
     assert response.status_code == 201, response.text
     target = resolve_target("http://[2001:4860:4860::8888]/x", allow_private=False)
-    assert target.ip == "2001:4860:4860::8888"
+    assert target.ips == ("2001:4860:4860::8888",)
 
 
 def test_the_operator_may_allow_private_targets(service_env, make_api) -> None:  # type: ignore[no-untyped-def]
@@ -125,6 +125,16 @@ def test_the_send_connects_to_the_checked_address_with_the_original_host(service
         ((headers, body),) = receiver.requests
         assert headers["host"] == f"localhost:{receiver.port}"
         assert json.loads(body)["event"] == "job.queued"
+
+
+def test_a_refused_address_falls_back_to_the_next_checked_one(service_env) -> None:  # type: ignore[no-untyped-def]
+    """A name with an address the receiver does not listen on (IPv6 here) still reaches it on the next one."""
+    service_env()
+    with http_receiver() as receiver:
+        target = PinnedTarget(url=httpx.URL(f"http://localhost:{receiver.port}/hook"), ips=("::1", "127.0.0.1"))
+        item = Outgoing("delivery", "project", str(target.url), "secret", "job.queued", b"{}", attempts=1)
+        status, error, _ = _post(item, target, Pass("token", get_settings(), last_start=0.0, client=None))
+    assert (status, error) == (204, None) and len(receiver.requests) == 1
 
 
 def _tiny(tmp_path):  # type: ignore[no-untyped-def]
