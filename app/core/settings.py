@@ -5,7 +5,7 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -32,9 +32,28 @@ class Settings(BaseSettings):
     evaluation_max_samples: int = Field(10_000, ge=1, description="Evaluation samples a job uses at most.")
     seq_len: int = Field(512, ge=8, description="Token window for text data.")
     benchmark_budget_s: float = Field(10.0, gt=0, description="ONNX Runtime timing budget per model and batch.")
+    webhook_allow_private_targets: bool = Field(
+        False,
+        description="Allow webhook targets on loopback, private, link-local and other non-public addresses "
+        "(self-hosted receivers on the same network). Off: such targets are refused at registration and send.",
+    )
+    webhook_timeout_s: float = Field(5.0, gt=0, description="Per-request timeout (connect, send, read) of a webhook.")
+    webhook_concurrency_per_project: int = Field(
+        4, ge=1, description="Webhook requests one project may have in flight at once."
+    )
+    webhook_claim_lease_s: float = Field(
+        120.0, gt=0, description="A claimed webhook delivery its sender did not settle is sent again after this long."
+    )
     fault_stage_delay_s: float = Field(
         0.0, ge=0, description="Fault injection for chaos tests: sleep this long in each worker stage."
     )
+
+    @model_validator(mode="after")
+    def _lease_outlasts_sends(self) -> Settings:
+        # One webhook send can take 4 timeouts (two connects, send, read); a lease must fit a few in a row.
+        if self.webhook_claim_lease_s < 6 * self.webhook_timeout_s:
+            raise ValueError("MODELPRESS_WEBHOOK_CLAIM_LEASE_S must be at least 6 x MODELPRESS_WEBHOOK_TIMEOUT_S")
+        return self
 
     @property
     def resolved_database_url(self) -> str:

@@ -268,6 +268,62 @@ def enqueue_job_event(*, session: Session, job_id: str) -> int:
     return count
 
 
+def claim_due_deliveries(*, session: Session, token: str, lease_until: datetime, limit: int) -> Sequence[Any]:
+    """Claim up to `limit` due deliveries for one sender; returns its (delivery, webhook) rows.
+
+    An unexpired claim keeps other senders off a row; the claim counts as an attempt, so a delivery whose
+    sender keeps dying still runs out of attempts. SKIP LOCKED lets concurrent PostgreSQL senders pass each
+    other's rows by; the conditional UPDATE alone decides on SQLite, which serialises writers.
+    """
+    from sqlalchemy import or_
+
+    from app.db.models import Webhook, WebhookDelivery
+
+    now = utcnow()
+    unclaimed = or_(WebhookDelivery.claimed_until.is_(None), WebhookDelivery.claimed_until < now)
+    due = (
+        select(WebhookDelivery.id)
+        .where(WebhookDelivery.status == "pending", WebhookDelivery.next_attempt_at <= now, unclaimed)
+        .order_by(WebhookDelivery.created_at)
+        .limit(limit)
+        .with_for_update(skip_locked=True)
+    )
+    ids = session.scalars(due).all()
+    if not ids:
+        return []
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id.in_(ids), WebhookDelivery.status == "pending", unclaimed)
+        .values(claim_token=token, claimed_until=lease_until, attempts=WebhookDelivery.attempts + 1)
+        .execution_options(synchronize_session=False)
+    )
+    claimed = select(WebhookDelivery, Webhook).join(Webhook, Webhook.id == WebhookDelivery.webhook_id)
+    return session.execute(claimed.where(WebhookDelivery.claim_token == token)).all()
+
+
+def settle_delivery(*, session: Session, delivery_id: str, token: str, values: dict[str, Any]) -> bool:
+    """Record an attempt's outcome and drop the claim, if this sender still holds it."""
+    from app.db.models import WebhookDelivery
+
+    result = session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id == delivery_id, WebhookDelivery.claim_token == token)
+        .values(**values, claim_token=None, claimed_until=None)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
+def release_deliveries(*, session: Session, delivery_ids: Sequence[str], token: str) -> None:
+    """Hand back claimed deliveries that were not sent: due again at once, the claim's attempt undone."""
+    from app.db.models import WebhookDelivery
+
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.id.in_(delivery_ids), WebhookDelivery.claim_token == token)
+        .values(claim_token=None, claimed_until=None, attempts=WebhookDelivery.attempts - 1)
+    )
+
+
 def touch_worker(*, session: Session, name: str, queues: str, device: str) -> None:
     """The worker process's heartbeat row (its pool children report the current job separately)."""
     from app.db.models import WorkerHeartbeat

@@ -143,8 +143,12 @@ class WebhookDelivery(Base):
     next_attempt_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_status_code: Mapped[int | None] = mapped_column(Integer, default=None)
     last_error: Mapped[str | None] = mapped_column(String(500), default=None)
+    duration_ms: Mapped[int | None] = mapped_column(Integer, default=None)  # of the last attempt
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     delivered_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Set while one sender has it in flight; a sender that dies leaves a claim that expires at claimed_until.
+    claim_token: Mapped[str | None] = mapped_column(String(32), default=None)
+    claimed_until: Mapped[datetime | None] = mapped_column(default=None)
 
 
 class WorkerHeartbeat(Base):

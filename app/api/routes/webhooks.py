@@ -9,8 +9,10 @@ from fastapi import APIRouter, Query
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from sqlalchemy import select
 
-from app.api.deps import ProjectDep, SessionDep
-from app.core.errors import not_found
+from app.api.deps import ProjectDep, SessionDep, SettingsDep
+from app.core.errors import APIError, not_found
+from app.core.settings import Settings
+from app.core.webhook_targets import TargetForbidden, TargetUnresolvable, resolve_target
 from app.db import crud
 from app.db.models import JOB_STATUSES, Webhook, WebhookDelivery
 
@@ -42,18 +44,28 @@ class DeliveryOut(BaseModel):
     attempts: int
     last_status_code: int | None
     last_error: str | None
+    duration_ms: int | None = Field(description="time to the response status of the last attempt")
     created_at: Any
     delivered_at: Any
 
 
+def check_target(url: str, settings: Settings) -> None:
+    """Refuse targets inside the network (SSRF) unless the operator allows them; delivery checks again."""
+    try:
+        resolve_target(url, allow_private=settings.webhook_allow_private_targets)
+    except TargetForbidden as exc:
+        raise APIError(422, "webhook_target_forbidden", str(exc), {"url": url}) from exc
+    except TargetUnresolvable as exc:
+        raise APIError(422, "webhook_target_unresolvable", str(exc), {"url": url}) from exc
+
+
 @router.post("/webhooks", status_code=201, response_model=WebhookOut)
-def create_webhook(body: WebhookCreate, project: ProjectDep, session: SessionDep) -> Any:
+def create_webhook(body: WebhookCreate, project: ProjectDep, session: SessionDep, settings: SettingsDep) -> Any:
     """The signing secret is returned once, here."""
     unknown = sorted(set(body.events) - set(EVENTS))
     if unknown:
-        from app.core.errors import APIError
-
         raise APIError(422, "invalid_events", f"unknown events {unknown}", {"known": list(EVENTS)})
+    check_target(str(body.url), settings)
     hook = Webhook(project_id=project.id, url=str(body.url), events=body.events, secret=secrets.token_hex(32))
     session.add(hook)
     session.commit()
