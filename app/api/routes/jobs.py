@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import ProjectDep, SessionDep, StoreDep
 from app.core import jobflow
 from app.core.errors import APIError, not_found
+from app.core.limits import refuse_if_over_worker_memory
 from app.core.report_html import render_report_html
 from app.db import crud
 from app.db.models import JOB_STATUSES, TERMINAL_STATUSES, Artifact, Job
@@ -49,8 +50,10 @@ def create_job(
             store=store, model=model, config=config, calibration=calibration, evaluation=evaluation, checks=checks
         )
         jobflow.raise_if_preflight_failed(result)
+        refuse_if_over_worker_memory(estimate=result.estimate["peak_memory_bytes"])
         return result
     jobflow.raise_on_failed_checks(checks)
+    refuse_if_over_worker_memory(estimate=jobflow.estimate(model, config)["peak_memory_bytes"])
     job, created = jobflow.create_job(
         session=session, project=project, body=body, config=config, idempotency_key=idempotency_key
     )
