@@ -44,6 +44,7 @@ def create_job(
     config = jobflow.validate_config(body.method, body.config)
     model, calibration, evaluation = jobflow.resolve_inputs(session=session, project=project, body=body)
     checks = jobflow.preflight_checks(model=model, config=config, calibration=calibration, evaluation=evaluation)
+    refuse_if_over_worker_memory(estimate=jobflow.estimate(model, config)["peak_memory_bytes"])
     if dry_run:
         response.status_code = 200
         result = jobflow.dry_run(
@@ -53,7 +54,6 @@ def create_job(
         refuse_if_over_worker_memory(estimate=result.estimate["peak_memory_bytes"])
         return result
     jobflow.raise_on_failed_checks(checks)
-    refuse_if_over_worker_memory(estimate=jobflow.estimate(model, config)["peak_memory_bytes"])
     job, created = jobflow.create_job(
         session=session, project=project, body=body, config=config, idempotency_key=idempotency_key
     )
