@@ -1,18 +1,29 @@
-"""Per-job limits through a real Celery worker (embedded default: SQLite + filesystem broker): a job over its
-memory or wall-time limit ends `failed` with `resource_limit` and the numbers, it is not retried, and the same
-worker process then runs the next job."""
+"""Per-job limits through a real Celery worker: a job over its memory or wall-time limit ends `failed` with
+`resource_limit` and the numbers, it is not retried, and the same worker process then runs the next job.
+The memory case runs on PostgreSQL + Redis and on the embedded default (SQLite + filesystem broker)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ApiClient, Workers
+from tests.conftest import REDIS_URL, ApiClient, Workers
 from tests.helpers import files
 from tests.workers.test_end_to_end import assert_succeeded_with_report, finished, submit, upload_inputs, wait_for
 
-pytestmark = pytest.mark.services
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    """The test run's Redis database (MODELPRESS_TEST_REDIS names one per developer), emptied around the test."""
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield REDIS_URL
+    client.flushdb()
+    client.close()
 
 
 def _bomb_job(api: ApiClient, tmp_path: Path) -> str:
@@ -30,11 +41,15 @@ def _assert_alive_and_runs_next_job(api: ApiClient, tmp_path: Path, workers: Wor
     assert all(proc.poll() is None for proc in workers.procs), workers.logs()
 
 
+@pytest.mark.parametrize(
+    "backend", [pytest.param("postgres", marks=pytest.mark.services), pytest.param("sqlite", id="embedded")]
+)
 def test_memory_bomb_fails_with_resource_limit_and_the_worker_runs_the_next_job(  # type: ignore[no-untyped-def]
-    service_env, make_api, workers, tmp_path
+    service_env, make_api, workers, tmp_path, request, backend
 ) -> None:
     limit = 1_500_000_000  # above a pool child with torch loaded, below the bomb's 2.5 GB tensor
-    service_env(db="sqlite", broker="embedded", MODELPRESS_JOB_MAX_MEMORY_BYTES=str(limit))
+    broker = request.getfixturevalue("redis_url") if backend == "postgres" else "embedded"
+    service_env(db=backend, broker=broker, MODELPRESS_JOB_MAX_MEMORY_BYTES=str(limit))
     api = make_api()
     workers.start("limits")
     job = wait_for(api, _bomb_job(api, tmp_path), finished, 180, workers)

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app.api.deps import ProjectDep, SessionDep
 from app.core.errors import not_found
@@ -55,7 +56,7 @@ def _seconds(start: Any, end: Any) -> float:
     return round((crud._aware(end) - crud._aware(start)).total_seconds(), 2)
 
 
-def _workers(session: SessionDep, project_id: str, now: Any) -> list[dict[str, Any]]:
+def _workers(session: Session, project_id: str, now: Any) -> list[dict[str, Any]]:
     """Every worker, but a current job only when it is this project's: other tenants' ids stay hidden."""
     rows = session.scalars(select(WorkerHeartbeat)).all()
     busy = {r.current_job_id for r in rows if r.current_job_id}
