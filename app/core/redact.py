@@ -43,8 +43,16 @@ def _roots() -> list[tuple[str, str]]:
 
 def redact_paths(text: str) -> str:
     for prefix, placeholder in _roots():
-        text = text.replace(prefix + "/", f"{placeholder}/" if placeholder else "").replace(prefix, placeholder or ".")
+        # whole path components only: /app must not eat /apple, nor /tmp the middle of /var/tmp
+        pattern = r"(?<![\w.~/-])" + re.escape(prefix) + r"(/|(?![\w.-]))"
+        text = re.sub(pattern, lambda m, p=placeholder: _placed(p, m.group(1)), text)
     return _ABSOLUTE_PATH.sub(lambda m: f"<path>/{m.group(1)}", text)
+
+
+def _placed(placeholder: str, slash: str) -> str:
+    if placeholder:
+        return placeholder + slash
+    return "" if slash else "."  # the checkout: its files by relative path
 
 
 def redact_value(value: Any) -> Any:

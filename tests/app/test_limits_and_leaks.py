@@ -179,3 +179,14 @@ def test_library_paths_become_placeholders(api) -> None:  # type: ignore[no-unty
     from app.core.redact import redact_paths
 
     assert redact_paths(f"File {onnx.__file__}") == "File <site-packages>/onnx/__init__.py"
+
+
+def test_roots_are_replaced_on_whole_path_components_only(api) -> None:  # type: ignore[no-untyped-def]
+    from app.core.redact import redact_paths
+    from app.core.settings import get_settings
+
+    data = get_settings().data_dir.resolve()
+    first, sibling, last = redact_paths(f"{data}/a {data}x/b {data}").split(" ")
+    assert (first, last) == ("<data>/a", "<data>")
+    assert sibling.endswith("/varx/b") and "<data>" not in sibling and not sibling.startswith("/")
+    assert redact_paths(f"/srv{data}/c") == "<path>/c"
