@@ -79,6 +79,7 @@ class JobSpec:
     benchmark_repeats: int = 30
     benchmark_budget_s: float = 10.0  # wall-time cap per model and batch size; repeats shrink to fit
     onnx_accuracy_level: int = 0  # MatMulNBits: 0 exact fp32 activations, 4 int8 activations (faster, lossy)
+    max_memory_bytes: int | None = None  # the worker's per-job limit: a larger pre-flight estimate is refused
 
 
 @dataclass
@@ -298,6 +299,7 @@ def _loaded_inputs(
     stages.start("load", "loading the model")
     try:
         loaded = load_model(spec.model_path, work_dir=spec.work_dir / "load")
+        _refuse_if_over_memory(loaded, config, spec.max_memory_bytes)
         stages.report(0.6, f"loaded a {loaded.format} {loaded.task} model ({loaded.info['params']:,} params)")
         calib_cap, eval_cap = _caps(spec, loaded)
         calib = _read(spec.calibration_path, loaded, spec, calib_cap)
@@ -725,14 +727,28 @@ def _forward_seconds(loaded: LoadedModel, batch: dict[str, torch.Tensor]) -> flo
     return time.perf_counter() - start
 
 
-def _estimates(loaded: LoadedModel, config: MethodConfigBase, sample: Batches, calib_samples: int) -> dict[str, Any]:
-    params_bytes = 4 * loaded.info["params"]
+def memory_estimate(loaded: LoadedModel, config: MethodConfigBase) -> int:
+    """Rough peak bytes: 3 model copies + the largest layer Hessian (the pre-flight's number)."""
     hessians = _hessian_bytes(loaded) if config.needs_calibration else 0
+    return 3 * 4 * loaded.info["params"] + hessians
+
+
+def _refuse_if_over_memory(loaded: LoadedModel, config: MethodConfigBase, limit: int | None) -> None:
+    estimate = memory_estimate(loaded, config)
+    if limit is not None and estimate > limit:
+        raise JobError(
+            "resource_limit",
+            f"exceeds_worker_memory: the pre-flight estimate of peak memory, {estimate} bytes, exceeds the "
+            f"worker's per-job memory limit of {limit} bytes",
+        )
+
+
+def _estimates(loaded: LoadedModel, config: MethodConfigBase, sample: Batches, calib_samples: int) -> dict[str, Any]:
     rows = next(iter(sample.inputs[0].values())).shape[0]
     per_sample = _forward_seconds(loaded, sample.inputs[0]) / max(rows, 1)
     seconds = per_sample * calib_samples * _METHOD_COST.get(config.method, 4.0) + per_sample * 2000
     return {
-        "peak_memory_bytes": 3 * params_bytes + hessians,
+        "peak_memory_bytes": memory_estimate(loaded, config),
         "seconds": round(seconds + 5.0, 1),
         "basis": "rough: 3 model copies + the largest layer Hessian; time from one timed forward pass",
     }

@@ -8,15 +8,16 @@ import os
 import shutil
 import socket
 import tempfile
-import traceback
 from pathlib import Path
 from typing import Any
 
+from app.core.redact import redact_paths, short_traceback
 from app.core.settings import get_settings
 from app.db import crud
 from app.db.models import Dataset, Job, Model
 from app.db.session import session_scope
 from app.storage.store import get_store
+from workers.limits import JobLimits
 from workers.reporter import JobCancelled, JobReporter, LostOwnership
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,7 @@ def execute_job(job_id: str, worker_name: str | None = None) -> None:
     _show_on_dashboard(worker_name, job_id)
     with (
         tempfile.TemporaryDirectory(prefix=f"modelpress-{job_id}-") as tmp,
+        JobLimits(job_id, host, work_dir=Path(tmp), worker_name=worker_name),
         JobReporter(job_id, host) as reporter,
     ):
         try:
@@ -74,6 +76,7 @@ def _run(job_id: str, work_dir: Path, reporter: JobReporter) -> Any:
         evaluation_samples=settings.evaluation_max_samples,
         seq_len=settings.seq_len,
         benchmark_budget_s=settings.benchmark_budget_s,
+        max_memory_bytes=settings.resolved_job_max_memory_bytes,
         **spec_fields,
     )
     spec.work_dir.mkdir(parents=True, exist_ok=True)
@@ -155,11 +158,24 @@ def _finish(job_id: str, host: str, status: str, **values: Any) -> None:
 
 
 def _fail(job_id: str, host: str, exc: Exception) -> None:
+    """Record the failure with its paths redacted; the full traceback goes to the worker log, a short one to
+    the job's events."""
     code = getattr(exc, "code", None) or "internal_error"
-    message = getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"
-    if code == "internal_error":
-        log.error("job %s failed:\n%s", job_id, traceback.format_exc())
-    _finish(job_id, host, "failed", error_code=code, error_message=str(message)[:4000], message="failed")
+    message = redact_paths(str(getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"))
+    log.error("job %s failed (%s)", job_id, code, exc_info=exc)
+    with session_scope() as session:
+        if crud.finish_job(
+            session=session,
+            job_id=job_id,
+            worker_host=host,
+            status="failed",
+            error_code=code,
+            error_message=message[:4000],
+            message="failed",
+        ):
+            job = session.get(Job, job_id)
+            assert job is not None
+            crud.log_job_event(session=session, job=job, message=f"traceback: {short_traceback(exc, limit=489)}")
 
 
 def json_safe(value: Any) -> Any:

@@ -10,20 +10,56 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import resource
 import subprocess
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from app.core.errors import APIError
+from app.core.limits import RESOURCE_LIMIT, gib
+from app.core.redact import redact_value
+from app.core.settings import get_settings
 from app.db.models import Dataset, Model
 from app.storage.store import Store
 
 TIMEOUT_S = 120
+RETRY_AFTER_S = 10
+# what the subprocess prints when an allocation fails under its RLIMIT_DATA (Python, torch, C++)
+_OUT_OF_MEMORY_MARKERS = ("MemoryError", "can't allocate memory", "std::bad_alloc", "Cannot allocate memory")
 
 
 def torch_available() -> bool:
     return importlib.util.find_spec("torch") is not None
+
+
+@lru_cache
+def _slots(size: int) -> threading.BoundedSemaphore:
+    return threading.BoundedSemaphore(size)
+
+
+@contextmanager
+def dry_run_slot() -> Iterator[None]:
+    """One of `dry_run_max_concurrent` slots in this process, or 429 `too_many_dry_runs` with Retry-After."""
+    size = get_settings().dry_run_max_concurrent
+    slots = _slots(size)
+    if not slots.acquire(blocking=False):
+        raise APIError(
+            429,
+            "too_many_dry_runs",
+            f"{size} dry run(s) already running on this API process; retry in {RETRY_AFTER_S}s",
+            {"max_concurrent": size},
+            headers={"Retry-After": str(RETRY_AFTER_S)},
+        )
+    try:
+        yield
+    finally:
+        slots.release()
 
 
 def deep_preflight(
@@ -38,7 +74,7 @@ def deep_preflight(
     """The worker-side pre-flight result, or None when this API process cannot run it."""
     if not torch_available():
         return None
-    with tempfile.TemporaryDirectory(prefix="modelpress-dryrun-") as tmp:
+    with dry_run_slot(), tempfile.TemporaryDirectory(prefix="modelpress-dryrun-") as tmp:
         request: dict[str, Any] = {
             "method": method,
             "config": config,
@@ -48,22 +84,35 @@ def deep_preflight(
             if dataset is not None:
                 suffix = Path(dataset.filename).suffix or ".bin"
                 request[role] = str(store.fetch(dataset.sha256, Path(tmp) / f"{role}{suffix}"))
+        return redact_value(_run_subprocess(request))
+
+
+def _run_subprocess(request: dict[str, Any]) -> dict[str, Any]:
+    """The child reads its request before touching the model, so its memory cap is in place by then."""
+    limit = get_settings().resolved_dry_run_max_memory_bytes
+    with subprocess.Popen(
+        [sys.executable, "-m", "compression.preflight_cli"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as child:
+        resource.prlimit(child.pid, resource.RLIMIT_DATA, (limit, limit))
         try:
-            done = subprocess.run(
-                [sys.executable, "-m", "compression.preflight_cli"],
-                input=json.dumps(request),
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT_S,
-            )
+            stdout, stderr = child.communicate(json.dumps(request), timeout=TIMEOUT_S)
         except subprocess.TimeoutExpired:
-            return {
-                "ok": False,
-                "checks": [
-                    {"name": "deep_preflight", "ok": False, "message": f"pre-flight did not finish in {TIMEOUT_S}s"}
-                ],
-            }
-    if done.returncode != 0:
-        tail = done.stderr.strip().splitlines()[-1:] or ["no output"]
-        return {"ok": False, "checks": [{"name": "deep_preflight", "ok": False, "message": tail[0][:500]}]}
-    return json.loads(done.stdout)
+            child.kill()
+            child.communicate()
+            return _failed(f"pre-flight did not finish in {TIMEOUT_S}s")
+    if child.returncode == 0:
+        return json.loads(stdout)
+    if any(marker in stderr for marker in _OUT_OF_MEMORY_MARKERS):
+        return _failed(
+            f"{RESOURCE_LIMIT}: the dry run needed more than its memory limit of {gib(limit)} ({limit} bytes)"
+        )
+    tail = stderr.strip().splitlines()[-1:] or ["no output"]
+    return _failed(tail[0][:500])
+
+
+def _failed(message: str) -> dict[str, Any]:
+    return {"ok": False, "checks": [{"name": "deep_preflight", "ok": False, "message": message}]}

@@ -44,6 +44,22 @@ class Settings(BaseSettings):
     webhook_claim_lease_s: float = Field(
         120.0, gt=0, description="A claimed webhook delivery its sender did not settle is sent again after this long."
     )
+    job_max_memory_bytes: int | None = Field(
+        None,
+        gt=0,
+        description="Resident memory one job may use before it fails with `resource_limit`; "
+        "default: 75% of the worker machine's memory (or its container's limit). Set it the same on the API "
+        "and the workers when they run on different machines, so job creation can refuse jobs that cannot fit.",
+    )
+    job_max_seconds: float = Field(
+        6 * 3600.0, gt=0, description="Wall time one job may run before it fails with `resource_limit`."
+    )
+    dry_run_max_concurrent: int = Field(
+        1, ge=1, description="Dry runs (`?dry_run=true`) one API process runs at once; more answer 429."
+    )
+    dry_run_max_memory_bytes: int | None = Field(
+        None, gt=0, description="Memory a dry run's subprocess may allocate; default: a quarter of the machine's."
+    )
     fault_stage_delay_s: float = Field(
         0.0, ge=0, description="Fault injection for chaos tests: sleep this long in each worker stage."
     )
@@ -74,6 +90,25 @@ class Settings(BaseSettings):
     @property
     def is_embedded_broker(self) -> bool:
         return self.resolved_broker_url.startswith("filesystem://")
+
+    @property
+    def resolved_job_max_memory_bytes(self) -> int:
+        from app.core.limits import machine_memory_bytes
+
+        return self.job_max_memory_bytes or int(0.75 * machine_memory_bytes())
+
+    @property
+    def known_worker_memory_limit(self) -> int | None:
+        """The workers' per-job limit as the API can know it: set explicitly, or local workers (embedded)."""
+        if self.job_max_memory_bytes or self.is_embedded_broker:
+            return self.resolved_job_max_memory_bytes
+        return None
+
+    @property
+    def resolved_dry_run_max_memory_bytes(self) -> int:
+        from app.core.limits import machine_memory_bytes
+
+        return self.dry_run_max_memory_bytes or machine_memory_bytes() // 4
 
 
 @lru_cache

@@ -122,3 +122,28 @@ def channel_shuffle_onnx(path: Path, seed: int = 0) -> Path:
     model.ir_version = 8
     onnx.save(model, path)
     return path
+
+
+def constant_of_shape_bomb(path: Path, *, side: int = 25_000, features: int = 8, classes: int = 3) -> Path:
+    """A few hundred bytes of ONNX whose graph materialises a float32 [side, side] tensor (2.5 GB at 25,000)."""
+    weight = numpy_helper.from_array(np.ones((classes, features), np.float32), "fc.weight")
+    shape = numpy_helper.from_array(np.array([side, side], np.int64), "bomb_shape")
+    nodes = [
+        helper.make_node("Gemm", ["input", "fc.weight"], ["h"], transB=1, name="fc"),
+        helper.make_node(
+            "ConstantOfShape", ["bomb_shape"], ["bomb"], value=helper.make_tensor("v", TensorProto.FLOAT, [1], [0.0])
+        ),
+        helper.make_node("ReduceSum", ["bomb"], ["bomb_sum"], keepdims=0),
+        helper.make_node("Add", ["h", "bomb_sum"], ["logits"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bomb",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["N", features])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["N", classes])],
+        initializer=[weight, shape],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, path)
+    return path

@@ -9,6 +9,7 @@ from typing import Any
 from fastapi import APIRouter
 from fastapi.responses import HTMLResponse
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from app.api.deps import ProjectDep, SessionDep
 from app.core.errors import not_found
@@ -39,7 +40,7 @@ def dashboard_summary(project: ProjectDep, session: SessionDep) -> dict[str, Any
     return {
         "counts": counts,
         "queues": safe_queue_depths(),
-        "workers": [_worker(w, now) for w in session.scalars(select(WorkerHeartbeat)).all()],
+        "workers": _workers(session, project.id, now),
         "failures": [
             _failure(j) for j in sorted(jobs, key=lambda j: j.created_at, reverse=True) if j.status == "failed"
         ][:20],
@@ -55,12 +56,20 @@ def _seconds(start: Any, end: Any) -> float:
     return round((crud._aware(end) - crud._aware(start)).total_seconds(), 2)
 
 
-def _worker(row: WorkerHeartbeat, now: Any) -> dict[str, Any]:
+def _workers(session: Session, project_id: str, now: Any) -> list[dict[str, Any]]:
+    """Every worker, but a current job only when it is this project's: other tenants' ids stay hidden."""
+    rows = session.scalars(select(WorkerHeartbeat)).all()
+    busy = {r.current_job_id for r in rows if r.current_job_id}
+    own = set(session.scalars(select(Job.id).where(Job.id.in_(busy), Job.project_id == project_id))) if busy else set()
+    return [_worker(row, now, row.current_job_id if row.current_job_id in own else None) for row in rows]
+
+
+def _worker(row: WorkerHeartbeat, now: Any, current_job_id: str | None) -> dict[str, Any]:
     return {
         "name": row.name,
         "queues": row.queues,
         "device": row.device,
-        "current_job_id": row.current_job_id,
+        "current_job_id": current_job_id,
         "heartbeat_age_s": round(_seconds(row.last_seen_at, now), 1),
     }
 

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from app.api.deps import ProjectDep, SessionDep, StoreDep
 from app.core import jobflow
 from app.core.errors import APIError, not_found
+from app.core.limits import refuse_if_over_worker_memory
 from app.core.report_html import render_report_html
 from app.db import crud
 from app.db.models import JOB_STATUSES, TERMINAL_STATUSES, Artifact, Job
@@ -43,12 +44,14 @@ def create_job(
     config = jobflow.validate_config(body.method, body.config)
     model, calibration, evaluation = jobflow.resolve_inputs(session=session, project=project, body=body)
     checks = jobflow.preflight_checks(model=model, config=config, calibration=calibration, evaluation=evaluation)
+    refuse_if_over_worker_memory(estimate=jobflow.estimate(model, config)["peak_memory_bytes"])
     if dry_run:
         response.status_code = 200
         result = jobflow.dry_run(
             store=store, model=model, config=config, calibration=calibration, evaluation=evaluation, checks=checks
         )
         jobflow.raise_if_preflight_failed(result)
+        refuse_if_over_worker_memory(estimate=result.estimate["peak_memory_bytes"])
         return result
     jobflow.raise_on_failed_checks(checks)
     job, created = jobflow.create_job(
