@@ -66,11 +66,11 @@ class UnpackBudget:
 def check_zip_declared(archive: zipfile.ZipFile, archive_bytes: int, limits: ArchiveLimits) -> None:
     """Refuse by the central directory alone: per-member ratio, total size, sizes the file cannot hold."""
     infos = archive.infolist()
+    if sum(i.compress_size for i in infos) > archive_bytes:
+        raise zipfile.BadZipFile("the members' declared compressed sizes exceed the file")
     for info in infos:
         check_expansion(info.file_size, info.compress_size, limits, f"archive member {info.filename!r}")
     check_expansion(sum(i.file_size for i in infos), archive_bytes, limits, "the archive")
-    if sum(i.compress_size for i in infos) > archive_bytes:
-        raise zipfile.BadZipFile("the members' declared compressed sizes exceed the file")
 
 
 def read_zip_member(archive: zipfile.ZipFile, name: str, budget: UnpackBudget, cap: int) -> bytes:
