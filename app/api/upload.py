@@ -38,6 +38,23 @@ class _PartState:
     header_bytes: int = 0
     field_bytes: int = 0
 
+    def begin_part(self) -> None:
+        self.parts += 1
+        self.in_headers, self.header_bytes = True, 0
+        if self.parts > MAX_PARTS:
+            raise APIError(400, "too_many_parts", f"the multipart body has more than {MAX_PARTS} parts")
+
+    def begin_part_data(self) -> None:
+        self.in_headers = False
+        _, params = parse_options_header(self.headers.get(b"content-disposition", b""))
+        name = params.get(b"name", b"").decode()
+        self.in_file = name == "file"
+        self.field_name = None if self.in_file else name
+        if self.in_file and self.filename is not None:
+            raise APIError(400, "duplicate_file", "the multipart body has more than one 'file' part")
+        if self.in_file:
+            self.filename = params.get(b"filename", b"upload").decode(errors="replace")
+
     def count_header(self, size: int) -> None:
         self.header_bytes += size
         if self.header_bytes > MAX_PART_HEADER_BYTES:
@@ -57,12 +74,6 @@ class Received:
 
 
 def _callbacks(state: _PartState) -> dict[str, object]:
-    def on_part_begin() -> None:
-        state.parts += 1
-        state.in_headers, state.header_bytes = True, 0
-        if state.parts > MAX_PARTS:
-            raise APIError(400, "too_many_parts", f"the multipart body has more than {MAX_PARTS} parts")
-
     def on_header_field(data: bytes, start: int, end: int) -> None:
         state.count_header(end - start)
         state.header_field += data[start:end]
@@ -74,17 +85,6 @@ def _callbacks(state: _PartState) -> dict[str, object]:
     def on_header_end() -> None:
         state.headers[state.header_field.lower()] = state.header_value
         state.header_field, state.header_value = b"", b""
-
-    def on_headers_finished() -> None:
-        state.in_headers = False
-        _, params = parse_options_header(state.headers.get(b"content-disposition", b""))
-        name = params.get(b"name", b"").decode()
-        state.in_file = name == "file"
-        state.field_name = None if state.in_file else name
-        if state.in_file and state.filename is not None:
-            raise APIError(400, "duplicate_file", "the multipart body has more than one 'file' part")
-        if state.in_file:
-            state.filename = params.get(b"filename", b"upload").decode(errors="replace")
 
     def on_part_data(data: bytes, start: int, end: int) -> None:
         if state.in_file:
@@ -99,11 +99,11 @@ def _callbacks(state: _PartState) -> dict[str, object]:
         state.headers, state.field_value, state.in_file = {}, b"", False
 
     return {
-        "on_part_begin": on_part_begin,
+        "on_part_begin": state.begin_part,
         "on_header_field": on_header_field,
         "on_header_value": on_header_value,
         "on_header_end": on_header_end,
-        "on_headers_finished": on_headers_finished,
+        "on_headers_finished": state.begin_part_data,
         "on_part_data": on_part_data,
         "on_part_end": on_part_end,
     }
