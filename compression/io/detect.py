@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import lzma
 import tarfile
 import zipfile
 import zlib
@@ -83,7 +84,7 @@ def _is_tar(path: Path, limits: ArchiveLimits) -> bool:
     try:
         with tarfile.open(path) as archive:
             return any(PurePosixPath(m.name).name == "config.json" for m in tar_members(archive, budget))
-    except (tarfile.TarError, OSError, EOFError, zlib.error):
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError):
         return False
 
 
@@ -100,7 +101,7 @@ def safe_extract(path: Path, dest: Path, limits: ArchiveLimits | None = None) ->
             _extract_tar(path, root, budget)
     except ArchiveRefused as error:
         raise ModelLoadError(error.code, error.message) from error
-    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error) as error:
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error, lzma.LZMAError) as error:
         raise ModelLoadError("invalid_model", f"unreadable archive: {error}") from error
     return root
 

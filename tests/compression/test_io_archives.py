@@ -14,7 +14,8 @@ from torch import nn
 from compression.archives import ArchiveLimits
 from compression.io import DatasetError, InputSpec, LoadedModel, ModelLoadError, load_batches, load_model
 from compression.io.detect import safe_extract
-from tests.helpers import bombs
+from compression.job import JobError, JobSpec, run_job
+from tests.helpers import bombs, files
 
 MiB = 1024**2
 SMALL = ArchiveLimits(max_unpacked_bytes=64 * MiB)
@@ -97,3 +98,32 @@ def test_npz_whose_header_disagrees_with_its_member_is_invalid(tmp_path: Path) -
     with pytest.raises(DatasetError) as caught:
         load_batches(path, loaded)
     assert caught.value.code == "invalid_dataset"
+
+
+def _noise_hf_zip(path: Path) -> Path:
+    noise = np.random.default_rng(0).integers(0, 255, 2 * MiB, dtype=np.uint8).tobytes()
+    with zipfile.ZipFile(path, "w") as archive:
+        archive.writestr("config.json", "{}")
+        archive.writestr("model.safetensors", bombs.safetensors_prefix(len(noise)) + noise)
+    return path
+
+
+@pytest.mark.parametrize("bad", ["model", "calibration"])
+def test_a_job_unpacks_within_its_specs_limits(tmp_path: Path, bad: str) -> None:
+    """2 MiB of noise passes the default limits; the spec's 1 MiB limit must reach both loaders."""
+    model = files.tiny_onnx(tmp_path / "tiny.onnx")
+    noise = np.random.default_rng(0).standard_normal((2 * MiB // 32, 8)).astype(np.float32)
+    calibration = files.npz(tmp_path / "calib.npz", input=noise if bad == "calibration" else noise[:8])
+    spec = JobSpec(
+        model_path=_noise_hf_zip(tmp_path / "model.zip") if bad == "model" else model,
+        method="quant_rtn",
+        config={"bits": 4, "group_size": None},
+        calibration_path=calibration,
+        evaluation_path=None,
+        gate=None,
+        work_dir=tmp_path / "work",
+        archive_limits=ArchiveLimits(max_unpacked_bytes=MiB),
+    )
+    with pytest.raises(JobError) as caught:
+        run_job(spec, progress=lambda *event: None, should_cancel=lambda: False)
+    assert caught.value.code == "archive_too_large", caught.value.message
