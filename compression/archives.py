@@ -45,7 +45,8 @@ def check_expansion(unpacked: int, packed: int, limits: ArchiveLimits, what: str
     if unpacked > limits.ratio_floor_bytes and unpacked > limits.max_ratio * max(packed, 1):
         raise ArchiveRefused(
             "decompression_bomb",
-            f"{what} expands {unpacked} bytes from {packed}: more than {limits.max_ratio:g} times",
+            f"{what} expands {unpacked} bytes from {packed}: more than {limits.max_ratio:g} times; "
+            "store very repetitive data uncompressed (zip -0, a plain tar, np.savez)",
         )
 
 
