@@ -8,15 +8,18 @@ from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI
 
+from app.api.body_limit import BodySizeLimit
 from app.api.routes import dashboard, health, jobs, methods, uploads, webhooks
 from app.core.errors import install_error_handlers
 from app.core.janitor import start_janitor_thread
 from app.core.settings import get_settings
+from app.storage.store import get_store
 
 
 @asynccontextmanager
 async def lifespan(_: FastAPI) -> AsyncIterator[None]:
     stop = threading.Event()
+    get_store().sweep_spool(older_than_s=get_settings().spool_orphan_age_s)
     if get_settings().janitor_enabled:
         start_janitor_thread(stop)
     yield
@@ -31,6 +34,11 @@ def create_app() -> FastAPI:
         lifespan=lifespan,
     )
     install_error_handlers(app)
+    app.add_middleware(
+        BodySizeLimit,
+        limit=get_settings().max_json_body_bytes,
+        streamed_paths=frozenset({"/v1/models", "/v1/datasets"}),
+    )
     v1 = APIRouter(prefix="/v1")
     for module in (uploads, jobs, methods, webhooks, dashboard):
         v1.include_router(module.router)

@@ -9,9 +9,12 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator, model_validator
 
 Bits = Literal[2, 3, 4, 8]
+# Lists of layer names are bounded: a config is stored with its job and returned on every listing.
+MAX_LAYER_ENTRIES = 4096
+LayerName = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 
 
 class _Inert(BaseModel):
@@ -25,8 +28,9 @@ class MethodConfigBase(_Inert):
     summary: ClassVar[str] = ""
 
     seed: int = Field(0, ge=0, description="Seed for every random choice; same seed, same result.")
-    skip_layers: list[str] = Field(
+    skip_layers: list[LayerName] = Field(
         default_factory=list,
+        max_length=MAX_LAYER_ENTRIES,
         description="Module names (or fnmatch patterns) left untouched, e.g. from a previous report's suggestions.",
     )
 
@@ -122,14 +126,15 @@ class MixedPrecisionConfig(MethodConfigBase):
     summary: ClassVar[str] = "Per-layer bit widths from measured sensitivity and an integer program under a budget."
     method: Literal["mixed_precision"] = "mixed_precision"
     budget_bits: float = Field(3.0, gt=1, le=16, description="Average bits per quantized weight.")
-    candidates: list[Literal[2, 3, 4, 8, 16]] = Field(default_factory=lambda: [2, 3, 4, 8])
+    candidates: list[Literal[2, 3, 4, 8, 16]] = Field(default_factory=lambda: [2, 3, 4, 8], max_length=5)
     quantizer: Literal["rtn", "gptq", "decoupleq"] = "gptq"
     group_size: int | None = 128
     symmetric: bool = False
-    budgets: list[float] | None = Field(None, description="Several budgets for a Pareto sweep.")
+    budgets: list[float] | None = Field(None, max_length=64, description="Several budgets for a Pareto sweep.")
     budget_kind: Literal["bits", "bitops", "latency"] = "bits"
     metric_weights: dict[str, float] = Field(
         default_factory=lambda: {"sqnr": 1.0, "kl": 1.0, "task": 1.0},
+        max_length=8,
         description="Weights of the normalized per-layer damages: sqnr (output noise power), kl, task (metric drop).",
     )
     task_metric: Literal["auto", "accuracy", "top1_agreement", "cosine"] = Field(
@@ -150,16 +155,28 @@ class MixedPrecisionConfig(MethodConfigBase):
     )
     auto_ties: list[Literal["shared_input", "residual_add"]] = Field(
         default_factory=lambda: ["shared_input"],
+        max_length=2,
         description="Layers that must share a width: shared_input = read the same tensor (q/k/v, gate/up, "
         "conv + 1x1 shortcut); residual_add = convs/linears feeding one residual add (needs torch.fx).",
     )
-    tie_groups: list[list[str]] = Field(
-        default_factory=list, description="Extra groups of layer names (or fnmatch patterns) sharing one width."
+    tie_groups: list[list[LayerName]] = Field(
+        default_factory=list,
+        max_length=MAX_LAYER_ENTRIES,
+        description="Extra groups of layer names (or fnmatch patterns) sharing one width.",
     )
     activation_bits: int = Field(8, ge=2, le=16, description="Activation width in the BitOps count (MACs·b_w·b_a).")
-    latency_table: dict[str, dict[int, float]] | None = Field(
-        None, description="Per layer name, bits -> measured latency (any unit); needed for budget_kind='latency'."
+    latency_table: dict[LayerName, Annotated[dict[int, float], Field(max_length=5)]] | None = Field(
+        None,
+        max_length=MAX_LAYER_ENTRIES,
+        description="Per layer name, bits -> measured latency (any unit); needed for budget_kind='latency'.",
     )
+
+    @field_validator("tie_groups")
+    @classmethod
+    def _tie_groups_bounded(cls, value: list[list[str]]) -> list[list[str]]:
+        if sum(len(group) for group in value) > MAX_LAYER_ENTRIES:
+            raise ValueError(f"tie_groups name more than {MAX_LAYER_ENTRIES} layers in all")
+        return value
 
     @model_validator(mode="after")
     def _candidates_cover_budget(self) -> MixedPrecisionConfig:
@@ -201,8 +218,10 @@ class DataFreeConfig(MethodConfigBase):
         description="Absorb each pruned channel's expected residual (BN statistics, Gaussian ReLU mean) "
         "into the consumer bias. Not in the paper. Unset: on for udfc, off for none/one_to_one.",
     )
-    layer_ratios: dict[str, float] = Field(
-        default_factory=dict, description="Per-layer prune ratios by producer name or fnmatch pattern."
+    layer_ratios: dict[LayerName, float] = Field(
+        default_factory=dict,
+        max_length=MAX_LAYER_ENTRIES,
+        description="Per-layer prune ratios by producer name or fnmatch pattern.",
     )
 
     @field_validator("layer_ratios")

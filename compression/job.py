@@ -23,6 +23,7 @@ import torch
 from pydantic import ValidationError
 from torch import nn
 
+from compression.archives import ArchiveLimits
 from compression.configs import (
     CONFIG_CLASSES,
     Gate,
@@ -80,6 +81,7 @@ class JobSpec:
     benchmark_budget_s: float = 10.0  # wall-time cap per model and batch size; repeats shrink to fit
     onnx_accuracy_level: int = 0  # MatMulNBits: 0 exact fp32 activations, 4 int8 activations (faster, lossy)
     max_memory_bytes: int | None = None  # the worker's per-job limit: a larger pre-flight estimate is refused
+    archive_limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # uploads unpack within these
 
 
 @dataclass
@@ -186,7 +188,9 @@ def _read(path: Path | None, loaded: LoadedModel, spec: JobSpec, cap: int) -> Ba
     if path is None:
         return None
     batch = rows_per_forward(loaded, spec.seq_len, 8 if loaded.task == "causal_lm" else spec.batch_size)
-    return load_batches(path, loaded, batch_size=batch, max_samples=cap, seq_len=spec.seq_len)
+    return load_batches(
+        path, loaded, batch_size=batch, max_samples=cap, seq_len=spec.seq_len, limits=spec.archive_limits
+    )
 
 
 def _describe(batches: Batches | None, source: str | None) -> dict[str, Any] | None:
@@ -298,7 +302,7 @@ def _loaded_inputs(
     config = _parse(spec.method, spec.config)
     stages.start("load", "loading the model")
     try:
-        loaded = load_model(spec.model_path, work_dir=spec.work_dir / "load")
+        loaded = load_model(spec.model_path, work_dir=spec.work_dir / "load", limits=spec.archive_limits)
         _refuse_if_over_memory(loaded, config, spec.max_memory_bytes)
         stages.report(0.6, f"loaded a {loaded.format} {loaded.task} model ({loaded.info['params']:,} params)")
         calib_cap, eval_cap = _caps(spec, loaded)

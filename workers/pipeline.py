@@ -77,6 +77,7 @@ def _run(job_id: str, work_dir: Path, reporter: JobReporter) -> Any:
         seq_len=settings.seq_len,
         benchmark_budget_s=settings.benchmark_budget_s,
         max_memory_bytes=settings.resolved_job_max_memory_bytes,
+        archive_limits=settings.archive_limits,
         **spec_fields,
     )
     spec.work_dir.mkdir(parents=True, exist_ok=True)

@@ -7,19 +7,38 @@ model code, and never extracts an archive: it only reads headers and member list
 from __future__ import annotations
 
 import json
+import logging
 import stat
 import tarfile
 import zipfile
+import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import IO, Any, TypeVar, cast
 
 import numpy as np
+
+from compression.archives import (
+    ArchiveLimits,
+    ArchiveRefused,
+    UnpackBudget,
+    check_zip_declared,
+    npz_headers,
+    read_counted,
+    tar_members,
+)
+
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SAFE_FORMATS = (
     "ONNX (.onnx, or a zip with external data), torch.export (.pt2), "
     "a Hugging Face directory (zip/tar with config.json and *.safetensors)"
 )
+MAX_JSON_MEMBER_BYTES = 64 * 1024**2  # config.json, a .pt2's model.json: read whole, so bounded
+MAX_ONNX_BYTES = 2 * 1024**3  # protobuf's own limit for one serialized ModelProto
+MAX_SAFETENSORS_HEADER_BYTES = 32 * 1024**2
 ONNX_MAGIC = b"\x08"  # a serialized ModelProto starts with field 1 (ir_version, varint)
 _PT2_DTYPES = {
     1: "uint8",
@@ -61,14 +80,32 @@ class Inspection:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def inspect_model_file(path: Path) -> Inspection:
+def inspect_model_file(path: Path, limits: ArchiveLimits | None = None) -> Inspection:
+    """Format, parameter count and inputs of an upload; InspectError (4xx) for anything refused."""
+    return _guarded(_inspect_model, path, limits or ArchiveLimits(), "invalid_model")
+
+
+def _guarded(inspect: Callable[[Path, ArchiveLimits], T], path: Path, limits: ArchiveLimits, code: str) -> T:
+    """Malformed input is the uploader's fault: whatever a parser raises becomes a 4xx with `code`."""
+    try:
+        return inspect(path, limits)
+    except InspectError:
+        raise
+    except ArchiveRefused as exc:
+        raise InspectError(exc.code, exc.message, status=exc.status) from exc
+    except Exception as exc:
+        logger.info("upload refused: inspection failed", exc_info=True)
+        raise InspectError(code, f"the upload could not be read ({type(exc).__name__}: {exc})") from exc
+
+
+def _inspect_model(path: Path, limits: ArchiveLimits) -> Inspection:
     head = _head(path)
     if _is_pickle(head):
         raise _pickle_refused("the file is a Python pickle")
     if head.startswith(b"PK\x03\x04"):
-        return _inspect_zip(path)
+        return _inspect_zip(path, limits)
     if _is_tar(path):
-        return _inspect_tar(path)
+        return _inspect_tar(path, limits)
     if not head.startswith(ONNX_MAGIC):
         raise InspectError("invalid_model", f"not a model file. Upload one of: {SAFE_FORMATS}.")
     return _inspect_onnx_bytes(path.read_bytes(), external={})
@@ -128,44 +165,78 @@ def _zip_members(archive: zipfile.ZipFile) -> list[str]:
     return names
 
 
-def _inspect_zip(path: Path) -> Inspection:
+@dataclass
+class _Members:
+    """An open archive's regular files: names, declared sizes, and reads counted against the limits."""
+
+    sizes: dict[str, int]
+    opener: Callable[[str], IO[bytes]]
+    budget: UnpackBudget
+    container: str
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.sizes)
+
+    def read(self, name: str, cap: int = MAX_JSON_MEMBER_BYTES) -> bytes:
+        with self.opener(name) as handle:
+            return read_counted(handle, self.budget, cap, name)
+
+    def read_json(self, name: str) -> Any:
+        try:
+            return json.loads(self.read(name))
+        except ValueError as exc:
+            raise InspectError("invalid_model", f"archive member {name!r} is not valid JSON: {exc}") from exc
+
+
+def _inspect_zip(path: Path, limits: ArchiveLimits) -> Inspection:
+    size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as archive:
+            check_zip_declared(archive, size, limits)
             names = _zip_members(archive)
-            return _inspect_archive(names, lambda n: archive.read(n), "zip")
+            sizes = {name: archive.getinfo(name).file_size for name in names}
+            return _inspect_archive(_Members(sizes, archive.open, UnpackBudget(limits, size), "zip"))
     except zipfile.BadZipFile as exc:
         raise InspectError("invalid_model", f"not a readable zip archive: {exc}") from exc
 
 
-def _inspect_tar(path: Path) -> Inspection:
+def _inspect_tar(path: Path, limits: ArchiveLimits) -> Inspection:
+    size = path.stat().st_size
     try:
         with tarfile.open(path) as archive:
-            members = archive.getmembers()
+            members = list(tar_members(archive, UnpackBudget(limits, size)))
             for member in members:
-                check_member_name(member.name)
-                if member.issym() or member.islnk():
-                    raise InspectError("unsafe_archive", f"archive member {member.name!r} is a link")
-                if not (member.isfile() or member.isdir()):
-                    raise InspectError("unsafe_archive", f"archive member {member.name!r} is not a regular file")
-            names = [m.name for m in members if m.isfile()]
-            return _inspect_archive(names, lambda n: archive.extractfile(n).read(), "tar")  # type: ignore[union-attr]
-    except tarfile.TarError as exc:
+                _check_tar_member(member)
+            sizes = {m.name: m.size for m in members if m.isfile()}
+            opener = cast(Callable[[str], IO[bytes]], archive.extractfile)
+            return _inspect_archive(_Members(sizes, opener, UnpackBudget(limits, size), "tar"))
+    except (tarfile.TarError, EOFError, zlib.error) as exc:
         raise InspectError("invalid_model", f"not a readable tar archive: {exc}") from exc
 
 
-def _inspect_archive(names: list[str], read: Any, container: str) -> Inspection:
+def _check_tar_member(member: tarfile.TarInfo) -> None:
+    check_member_name(member.name)
+    if member.issym() or member.islnk():
+        raise InspectError("unsafe_archive", f"archive member {member.name!r} is a link")
+    if not (member.isfile() or member.isdir()):
+        raise InspectError("unsafe_archive", f"archive member {member.name!r} is not a regular file")
+
+
+def _inspect_archive(members: _Members) -> Inspection:
+    names = members.names
     base = {PurePosixPath(n).name: n for n in names}
     if any(n.endswith("archive_format") for n in names) and any(n.endswith("models/model.json") for n in names):
-        return _inspect_pt2(names, read)
+        return _inspect_pt2(members)
     if any(n.endswith(("data.pkl", ".pkl", ".pickle")) for n in names):
         raise _pickle_refused("the archive is a torch.save checkpoint (pickle)")
     if "config.json" in base:
-        return _inspect_hf(names, read, container)
+        return _inspect_hf(members)
     onnx_files = [n for n in names if n.endswith(".onnx")]
     if len(onnx_files) == 1:
         external = {PurePosixPath(n).name: n for n in names if n != onnx_files[0]}
-        inspection = _inspect_onnx_bytes(read(onnx_files[0]), external=external)
-        inspection.info["container"] = container
+        inspection = _inspect_onnx_bytes(members.read(onnx_files[0], cap=MAX_ONNX_BYTES), external=external)
+        inspection.info["container"] = members.container
         return inspection
     raise InspectError("unknown_format", f"archive holds no model. Upload one of: {SAFE_FORMATS}.")
 
@@ -213,17 +284,18 @@ def _onnx_input(value: Any) -> dict[str, Any]:
     }
 
 
-def _inspect_pt2(names: list[str], read: Any) -> Inspection:
+def _inspect_pt2(members: _Members) -> Inspection:
+    names = members.names
     weights_cfg = [n for n in names if "/data/" in f"/{n}" and n.endswith("_config.json")]
     model_json = next(n for n in names if n.endswith("models/model.json"))
     params = 0
     for cfg_name in weights_cfg:
-        for entry in json.loads(read(cfg_name)).get("config", {}).values():
+        for entry in members.read_json(cfg_name).get("config", {}).values():
             if entry.get("use_pickle"):
                 raise _pickle_refused("the .pt2 archive stores pickled tensors")
             if "weights" in cfg_name:
                 params += _pt2_numel(entry.get("tensor_meta", {}))
-    graph = json.loads(read(model_json))["graph_module"]
+    graph = members.read_json(model_json)["graph_module"]
     inputs = _pt2_inputs(graph)
     return Inspection("torch_export", params, inputs, {"torch_version": None})
 
@@ -248,19 +320,22 @@ def _pt2_inputs(graph: dict[str, Any]) -> list[dict[str, Any]]:
     return inputs
 
 
-def _inspect_hf(names: list[str], read: Any, container: str) -> Inspection:
+def _inspect_hf(members: _Members) -> Inspection:
+    names = members.names
     config_name = min((n for n in names if PurePosixPath(n).name == "config.json"), key=len)
     root = str(PurePosixPath(config_name).parent)
-    config = json.loads(read(config_name))
+    config = members.read_json(config_name)
+    if not isinstance(config, dict):
+        raise InspectError("invalid_model", f"{config_name} must hold a JSON object")
     weights = [n for n in names if n.endswith(".safetensors") and str(PurePosixPath(n).parent) == root]
     if not weights:
         if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names):
             raise _pickle_refused("the Hugging Face directory has only pickled weights (.bin/.pt)")
         raise InspectError("invalid_model", "the Hugging Face directory has no *.safetensors weights")
-    params = sum(_safetensors_numel(read(n)) for n in weights)
+    params = sum(_safetensors_numel(members, n) for n in weights)
     tokenizer = any(PurePosixPath(n).name in {"tokenizer.json", "tokenizer.model", "vocab.txt"} for n in names)
     info = {
-        "container": container,
+        "container": members.container,
         "architectures": config.get("architectures"),
         "model_type": config.get("model_type"),
         "has_tokenizer": tokenizer,
@@ -273,39 +348,62 @@ def _inspect_hf(names: list[str], read: Any, container: str) -> Inspection:
     return Inspection("hf_dir", params, inputs, info)
 
 
-def _safetensors_numel(data: bytes) -> int:
-    if len(data) < 8:
-        raise InspectError("invalid_model", "a safetensors file is truncated")
-    header_len = int.from_bytes(data[:8], "little")
+def _safetensors_numel(members: _Members, name: str) -> int:
+    """Elements in a safetensors file, from its header alone: 8-byte little-endian length, then JSON."""
+    with members.opener(name) as handle:
+        header = _safetensors_header(handle, members.sizes[name], name)
     try:
-        header = json.loads(data[8 : 8 + header_len])
+        return sum(int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
+    except (TypeError, KeyError, ValueError) as exc:
+        raise InspectError("invalid_model", f"{name}: a safetensors tensor entry has no valid shape") from exc
+
+
+def _safetensors_header(handle: IO[bytes], size: int, name: str) -> dict[str, Any]:
+    prefix = handle.read(8)
+    if len(prefix) < 8:
+        raise InspectError("invalid_model", f"{name}: the safetensors file is truncated")
+    length = int.from_bytes(prefix, "little")
+    if length > MAX_SAFETENSORS_HEADER_BYTES:
+        raise InspectError(
+            "invalid_model", f"{name}: a safetensors header of {length} bytes (limit {MAX_SAFETENSORS_HEADER_BYTES})"
+        )
+    if 8 + length > size:
+        raise InspectError("invalid_model", f"{name}: the safetensors header length runs past the end of the file")
+    try:
+        header = json.loads(handle.read(length))
     except ValueError as exc:
-        raise InspectError("invalid_model", "a safetensors header is unreadable") from exc
-    return sum(int(np.prod(v["shape"])) for k, v in header.items() if k != "__metadata__")
+        raise InspectError("invalid_model", f"{name}: the safetensors header is not JSON") from exc
+    if not isinstance(header, dict):
+        raise InspectError("invalid_model", f"{name}: the safetensors header is not a JSON object")
+    return header
 
 
 # ---- datasets -------------------------------------------------------------------------------
 
 
-def inspect_dataset_file(path: Path) -> tuple[str, dict[str, Any]]:
+def inspect_dataset_file(path: Path, limits: ArchiveLimits | None = None) -> tuple[str, dict[str, Any]]:
     """Returns (kind, info) for `.npz` arrays or text (`.txt` lines / `.jsonl` with a `text` field)."""
+    return _guarded(_inspect_dataset, path, limits or ArchiveLimits(), "invalid_dataset")
+
+
+def _inspect_dataset(path: Path, limits: ArchiveLimits) -> tuple[str, dict[str, Any]]:
     head = _head(path)
     if _is_pickle(head):
         raise _pickle_refused("the dataset is a Python pickle")
     if head.startswith(b"PK\x03\x04"):
-        return "npz", _inspect_npz(path)
+        return "npz", _inspect_npz(path, limits)
     return "text", _inspect_text(path)
 
 
-def _inspect_npz(path: Path) -> dict[str, Any]:
+def _inspect_npz(path: Path, limits: ArchiveLimits) -> dict[str, Any]:
+    """From the `.npy` headers only: no array is decompressed at upload."""
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
+        arrays = npz_headers(path, path.stat().st_size, limits)
+    except (ValueError, OSError, zipfile.BadZipFile, EOFError) as exc:
         raise InspectError("invalid_dataset", f"not a readable .npz of plain arrays: {exc}") from exc
     if not arrays:
         raise InspectError("invalid_dataset", "the .npz holds no arrays")
-    samples = {name: int(arr.shape[0]) if arr.ndim else 1 for name, arr in arrays.items()}
+    samples = {name: arr.shape[0] if arr.shape else 1 for name, arr in arrays.items()}
     if len(set(samples.values())) != 1:
         raise InspectError("invalid_dataset", f"arrays disagree on the number of samples: {samples}")
     described = {name: {"shape": list(arr.shape), "dtype": str(arr.dtype)} for name, arr in arrays.items()}

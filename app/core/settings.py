@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from compression.archives import ArchiveLimits
 
 
 class Settings(BaseSettings):
@@ -20,6 +24,16 @@ class Settings(BaseSettings):
     s3_region: str = "us-east-1"
 
     max_upload_bytes: int = Field(4 * 1024**3, gt=0, description="Uploads past this answer 413.")
+    max_unpacked_bytes: int = Field(
+        0, ge=0, description="Total bytes an archive upload (zip, tar, .npz) may unpack to; 0: 2 x max_upload_bytes."
+    )
+    max_compression_ratio: float = Field(
+        100.0, gt=1, description="Largest unpacked/packed ratio of an archive member over 1 MiB (decompression bombs)."
+    )
+    max_json_body_bytes: int = Field(1024**2, gt=0, description="JSON request bodies past this answer 413.")
+    spool_orphan_age_s: float = Field(
+        900.0, gt=0, description="At startup, upload spool files untouched this long are removed."
+    )
     default_queue: str = Field("gpu", description="Queue the compression jobs are sent to.")
 
     heartbeat_interval_s: float = Field(5.0, gt=0)
@@ -86,6 +100,15 @@ class Settings(BaseSettings):
     @property
     def resolved_store_url(self) -> str:
         return self.store_url or f"file://{(self.data_dir / 'store').resolve()}"
+
+    @property
+    def archive_limits(self) -> ArchiveLimits:
+        from compression.archives import ArchiveLimits
+
+        return ArchiveLimits(
+            max_unpacked_bytes=self.max_unpacked_bytes or 2 * self.max_upload_bytes,
+            max_ratio=self.max_compression_ratio,
+        )
 
     @property
     def is_embedded_broker(self) -> bool:

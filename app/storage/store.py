@@ -11,6 +11,7 @@ import hashlib
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -21,6 +22,7 @@ from urllib.parse import urlparse
 from app.core.settings import get_settings
 
 CHUNK = 1024 * 1024
+SPOOL_PREFIX = "upload-"
 
 
 class TooLarge(Exception):
@@ -74,6 +76,23 @@ class Store(Protocol):
     def fetch(self, address: str, dest: Path) -> Path: ...
     def iter_bytes(self, address: str) -> Iterator[bytes]: ...
     def healthy(self) -> bool: ...
+    def sweep_spool(self, *, older_than_s: float) -> int: ...
+
+
+def remove_stale_spools(directory: Path, older_than_s: float) -> int:
+    """Remove spool files untouched for `older_than_s` (left by a crashed upload); returns how many.
+
+    An upload in progress writes to its spool continuously, so its modification time stays fresh.
+    """
+    cutoff, removed = time.time() - older_than_s, 0
+    for path in directory.glob(f"{SPOOL_PREFIX}*"):
+        try:
+            if path.is_file() and path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue  # another process swept or committed it meanwhile
+    return removed
 
 
 def _hex(address: str) -> str:
@@ -104,7 +123,7 @@ class LocalStore:
         return self.root / "sha256" / hexdigest[:2] / hexdigest
 
     def spool(self, *, limit: int) -> Spool:
-        fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix="upload-")
+        fd, name = tempfile.mkstemp(dir=self.root / "tmp", prefix=SPOOL_PREFIX)
         os.close(fd)
         return Spool(path=Path(name), limit=limit)
 
@@ -138,6 +157,9 @@ class LocalStore:
     def healthy(self) -> bool:
         return (self.root / "tmp").is_dir() and os.access(self.root, os.W_OK)
 
+    def sweep_spool(self, *, older_than_s: float) -> int:
+        return remove_stale_spools(self.root / "tmp", older_than_s)
+
 
 def _fsync_dir(directory: Path) -> None:
     fd = os.open(directory, os.O_RDONLY)
@@ -160,7 +182,7 @@ class S3Store:
         return f"{self.prefix}/{key}" if self.prefix else key
 
     def spool(self, *, limit: int) -> Spool:
-        fd, name = tempfile.mkstemp(dir=self.spool_dir, prefix="upload-")
+        fd, name = tempfile.mkstemp(dir=self.spool_dir, prefix=SPOOL_PREFIX)
         os.close(fd)
         return Spool(path=Path(name), limit=limit)
 
@@ -194,6 +216,9 @@ class S3Store:
     def iter_bytes(self, address: str) -> Iterator[bytes]:
         body = self.client.get_object(Bucket=self.bucket, Key=self.key_of(address))["Body"]  # type: ignore[attr-defined]
         yield from body.iter_chunks(CHUNK)
+
+    def sweep_spool(self, *, older_than_s: float) -> int:
+        return remove_stale_spools(self.spool_dir, older_than_s)
 
     def healthy(self) -> bool:
         try:

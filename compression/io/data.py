@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from compression.archives import ArchiveLimits, ArchiveRefused, npz_headers
 from compression.io.errors import DatasetError
 from compression.io.model import InputSpec, LoadedModel
 from compression.types import Batches
@@ -42,16 +43,22 @@ def _check_array(name: str, array: np.ndarray, spec: InputSpec) -> np.ndarray:
     return array.astype(spec.dtype if spec.dtype != "unknown" else array.dtype, copy=False)
 
 
-def _read_npz(path: Path) -> dict[str, np.ndarray]:
+def _read_npz(path: Path, limits: ArchiveLimits) -> dict[str, np.ndarray]:
+    """Arrays are read only after the `.npy` headers and the zip's sizes pass `limits` (no bombs)."""
     try:
+        npz_headers(path, path.stat().st_size, limits)
         with np.load(path, allow_pickle=False) as archive:
             return {name: archive[name] for name in archive.files}
     except (ValueError, OSError, zipfile.BadZipFile, EOFError) as error:
         raise DatasetError("invalid_dataset", f"unreadable .npz (pickled arrays are refused): {error}") from error
+    except ArchiveRefused as error:
+        raise DatasetError(error.code, error.message) from error
 
 
-def npz_batches(path: Path, loaded: LoadedModel, batch_size: int, max_samples: int | None) -> Batches:
-    arrays = _read_npz(path)
+def npz_batches(
+    path: Path, loaded: LoadedModel, batch_size: int, max_samples: int | None, limits: ArchiveLimits | None = None
+) -> Batches:
+    arrays = _read_npz(path, limits or ArchiveLimits())
     labels = arrays.pop("labels", None)
     wanted = {spec.name: spec for spec in loaded.input_specs}
     optional = _OPTIONAL_HF_INPUTS if loaded.format == "hf_dir" else set()
@@ -177,9 +184,11 @@ def load_batches(
     batch_size: int = 64,
     max_samples: int | None = None,
     seq_len: int = 512,
+    limits: ArchiveLimits | None = None,
 ) -> Batches:
-    """Read `.npz` or text data for `loaded`; raises DatasetError(invalid_dataset | dataset_mismatch)."""
+    """Read `.npz` or text data for `loaded`; raises DatasetError(invalid_dataset | dataset_mismatch |
+    archive_too_large | decompression_bomb)."""
     path = Path(path)
     if zipfile.is_zipfile(path):
-        return npz_batches(path, loaded, batch_size, max_samples)
+        return npz_batches(path, loaded, batch_size, max_samples, limits)
     return text_batches(path, loaded, batch_size, max_samples, seq_len)

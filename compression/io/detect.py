@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
+import lzma
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 from typing import Literal
 
 import onnx
 from google.protobuf.message import DecodeError
 
+from compression.archives import (
+    ArchiveLimits,
+    ArchiveRefused,
+    UnpackBudget,
+    check_zip_declared,
+    copy_counted,
+    tar_members,
+)
 from compression.io.errors import ModelLoadError
 
 Detected = Literal["onnx", "onnx_zip", "torch_export", "hf_dir", "hf_archive"]
@@ -38,8 +48,16 @@ def _parse_onnx_bytes(data: bytes) -> onnx.ModelProto | None:
     return model if model.ir_version > 0 and len(model.graph.node) > 0 else None
 
 
-def detect_format(path: Path) -> Detected:
-    """What `path` holds; raises ModelLoadError(invalid_model | pickle_refused)."""
+def detect_format(path: Path, limits: ArchiveLimits | None = None) -> Detected:
+    """What `path` holds; raises ModelLoadError(invalid_model | pickle_refused | archive_too_large |
+    decompression_bomb). Archives are judged by their headers within `limits`, never unpacked here."""
+    try:
+        return _detect(path, limits or ArchiveLimits())
+    except ArchiveRefused as error:
+        raise ModelLoadError(error.code, error.message) from error
+
+
+def _detect(path: Path, limits: ArchiveLimits) -> Detected:
     if path.is_dir():
         if (path / "config.json").is_file():
             return "hf_dir"
@@ -48,44 +66,65 @@ def detect_format(path: Path) -> Detected:
         raise ModelLoadError("invalid_model", "the model file is missing or empty")
     if zipfile.is_zipfile(path):
         with zipfile.ZipFile(path) as archive:
+            check_zip_declared(archive, path.stat().st_size, limits)
             return _zip_kind(archive.namelist())
     with path.open("rb") as handle:
         head = handle.read(2)
     if head[:1] == b"\x80":
         raise ModelLoadError("pickle_refused", PICKLE_MESSAGE)
-    if _is_tar(path):
+    if _is_tar(path, limits):
         return "hf_archive"
     if _parse_onnx_bytes(path.read_bytes()) is not None:
         return "onnx"
     raise ModelLoadError("invalid_model", f"not a readable model: expected {SAFE_FORMATS} (file truncated?)")
 
 
-def _is_tar(path: Path) -> bool:
+def _is_tar(path: Path, limits: ArchiveLimits) -> bool:
+    budget = UnpackBudget(limits, path.stat().st_size)
     try:
         with tarfile.open(path) as archive:
-            return any(PurePosixPath(m.name).name == "config.json" for m in archive.getmembers())
-    except (tarfile.TarError, OSError, EOFError):
+            return any(PurePosixPath(m.name).name == "config.json" for m in tar_members(archive, budget))
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError):
         return False
 
 
-def safe_extract(path: Path, dest: Path) -> Path:
-    """Unpack a zip or tar (optionally compressed) under `dest`, refusing links and paths that escape it."""
+def safe_extract(path: Path, dest: Path, limits: ArchiveLimits | None = None) -> Path:
+    """Unpack a zip or tar (optionally compressed) under `dest`, refusing links, paths that escape it,
+    and decompression bombs (ModelLoadError archive_too_large | decompression_bomb)."""
     dest.mkdir(parents=True, exist_ok=True)
     root = dest.resolve()
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as archive:
-            for name in archive.namelist():
-                target = (root / name).resolve()
-                if not target.is_relative_to(root):
-                    raise ModelLoadError("invalid_model", f"archive member escapes the archive: {name}")
-            archive.extractall(root)
-        return root
+    budget = UnpackBudget(limits or ArchiveLimits(), path.stat().st_size)
     try:
-        with tarfile.open(path) as archive:
-            archive.extractall(root, filter="data")
-    except (tarfile.TarError, OSError) as error:
+        if zipfile.is_zipfile(path):
+            _extract_zip(path, root, budget)
+        else:
+            _extract_tar(path, root, budget)
+    except ArchiveRefused as error:
+        raise ModelLoadError(error.code, error.message) from error
+    except (tarfile.TarError, zipfile.BadZipFile, OSError, EOFError, zlib.error, lzma.LZMAError) as error:
         raise ModelLoadError("invalid_model", f"unreadable archive: {error}") from error
     return root
+
+
+def _extract_zip(path: Path, root: Path, budget: UnpackBudget) -> None:
+    with zipfile.ZipFile(path) as archive:
+        check_zip_declared(archive, budget.archive_bytes, budget.limits)
+        for info in archive.infolist():
+            target = (root / info.filename).resolve()
+            if not target.is_relative_to(root):
+                raise ModelLoadError("invalid_model", f"archive member escapes the archive: {info.filename}")
+            if info.is_dir():
+                target.mkdir(parents=True, exist_ok=True)
+                continue
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with archive.open(info) as source, target.open("wb") as sink:
+                copy_counted(source, sink, budget)
+
+
+def _extract_tar(path: Path, root: Path, budget: UnpackBudget) -> None:
+    with tarfile.open(path) as archive:
+        for member in tar_members(archive, budget):
+            archive.extract(member, root, filter="data")
 
 
 def find_file_dir(root: Path, filename: str) -> Path | None:

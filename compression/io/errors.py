@@ -10,11 +10,12 @@ class CompressionIOError(CompressionError):
 
 
 class ModelLoadError(CompressionIOError):
-    """Codes: invalid_model, unsupported_format, unsupported_operator, pickle_refused."""
+    """Codes: invalid_model, unsupported_format, unsupported_operator, pickle_refused, archive_too_large,
+    decompression_bomb."""
 
 
 class DatasetError(CompressionIOError):
-    """Codes: invalid_dataset, dataset_mismatch."""
+    """Codes: invalid_dataset, dataset_mismatch, archive_too_large, decompression_bomb."""
 
 
 class ExportError(CompressionIOError):

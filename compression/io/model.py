@@ -15,6 +15,7 @@ import onnx
 import torch
 from torch import nn
 
+from compression.archives import ArchiveLimits
 from compression.io.detect import PICKLE_MESSAGE, detect_format, find_file_dir, safe_extract
 from compression.io.errors import ModelLoadError
 from compression.io.onnx_checks import default_opset
@@ -133,26 +134,28 @@ def _export_program_to_onnx(path: Path, work_dir: Path) -> Path:
     return target
 
 
-def load_model(path: Path, *, work_dir: Path | None = None) -> LoadedModel:
-    """Load `path`, detecting the format from its content. Archives are unpacked under `work_dir`.
+def load_model(path: Path, *, work_dir: Path | None = None, limits: ArchiveLimits | None = None) -> LoadedModel:
+    """Load `path`, detecting the format from its content. Archives are unpacked under `work_dir`,
+    within `limits` (default: `ArchiveLimits()`).
 
-    Raises ModelLoadError with code invalid_model, pickle_refused or unsupported_operator.
+    Raises ModelLoadError with code invalid_model, pickle_refused, unsupported_operator,
+    archive_too_large or decompression_bomb.
     """
     path = Path(path)
     work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="modelpress-load-"))
     work_dir.mkdir(parents=True, exist_ok=True)
-    kind = detect_format(path)
+    kind = detect_format(path, limits)
     if kind == "onnx":
         return load_onnx(path, work_dir)
     if kind == "onnx_zip":
-        root = safe_extract(path, work_dir / "onnx")
+        root = safe_extract(path, work_dir / "onnx", limits)
         onnx_files = sorted(root.rglob("*.onnx"), key=lambda p: len(p.parts))
         return load_onnx(onnx_files[0], work_dir)
     if kind == "torch_export":
         loaded = load_onnx(_export_program_to_onnx(path, work_dir), work_dir, model_format="torch_export")
         loaded.info["converted_via"] = "torch.export.load -> torch.onnx.export(dynamo, optimize: BatchNorm folded)"
         return loaded
-    root = path if kind == "hf_dir" else safe_extract(path, work_dir / "hf")
+    root = path if kind == "hf_dir" else safe_extract(path, work_dir / "hf", limits)
     model_dir = find_file_dir(root, "config.json")
     if model_dir is None:
         raise ModelLoadError("invalid_model", "no config.json found in the Hugging Face archive")

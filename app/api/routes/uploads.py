@@ -29,16 +29,19 @@ T = TypeVar("T")
 
 
 async def _keep_if_valid(received: Received, store: Store, check: Callable[[Path], T]) -> tuple[T, str]:
-    """Run `check` on the spooled upload; refused uploads are discarded, accepted ones committed."""
+    """Run `check` on the spooled upload; refused uploads are discarded, accepted ones committed.
+
+    Whatever goes wrong before the commit, the spool file is removed: nothing is left in the store's tmp.
+    """
     try:
         result = await run_in_threadpool(check, received.spool.path)
+        return result, await run_in_threadpool(store.commit, received.spool)
     except InspectError as exc:
         received.spool.discard()
         raise APIError(exc.status, exc.code, exc.message, exc.details) from exc
-    except APIError:
+    except BaseException:
         received.spool.discard()
         raise
-    return result, await run_in_threadpool(store.commit, received.spool)
 
 
 async def _record(session: Session, row: T) -> T:
@@ -52,7 +55,8 @@ async def upload_model(
     request: Request, project: ProjectDep, session: SessionDep, store: StoreDep, settings: SettingsDep
 ) -> Any:
     received = await receive_file(request, store=store, limit=settings.max_upload_bytes)
-    inspection, address = await _keep_if_valid(received, store, inspect_model_file)
+    limits = settings.archive_limits
+    inspection, address = await _keep_if_valid(received, store, lambda path: inspect_model_file(path, limits))
     info = {**inspection.info, "inputs": inspection.inputs}
     model = Model(
         project_id=project.id,
@@ -88,7 +92,7 @@ async def upload_dataset(
     received = await receive_file(request, store=store, limit=settings.max_upload_bytes)
 
     def inspect_for_model(path: Path) -> tuple[str, dict[str, Any]]:
-        kind, info = inspect_dataset_file(path)
+        kind, info = inspect_dataset_file(path, settings.archive_limits)
         _check_against_model(session, project.id, received.fields.get("model_id"), kind, info)
         return kind, info
 
