@@ -7,7 +7,21 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from python_multipart.exceptions import MultipartParseError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.schemas.api import ErrorOut
+
+ERROR_DESCRIPTIONS = {
+    400: "the body could not be parsed",
+    401: "missing, unknown or revoked API key",
+    404: "no such object in this project",
+    409: "conflicts with the object's current state",
+    413: "upload larger than the server's limit",
+    415: "wrong content type",
+    422: "the request failed validation (`details` names each field)",
+    503: "a dependency is not ready",
+}
 
 
 class APIError(Exception):
@@ -18,6 +32,11 @@ class APIError(Exception):
 
 def not_found(what: str, ident: str) -> APIError:
     return APIError(404, "not_found", f"{what} {ident} not found")
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries declaring the error shape for these status codes."""
+    return {status: {"model": ErrorOut, "description": ERROR_DESCRIPTIONS[status]} for status in statuses}
 
 
 def error_body(code: str, message: str, details: Any = None) -> dict[str, Any]:
@@ -46,7 +65,11 @@ def install_error_handlers(app: FastAPI) -> None:
         details = validation_details(list(exc.errors()))
         return JSONResponse(error_body("invalid_request", "request failed validation", details), 422)
 
+    @app.exception_handler(MultipartParseError)
+    async def _bad_multipart(_: Request, exc: MultipartParseError) -> JSONResponse:
+        return JSONResponse(error_body("invalid_body", f"malformed multipart body: {exc}"), status_code=400)
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {400: "invalid_body", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(error_body(code, str(exc.detail)), status_code=exc.status_code)

@@ -305,6 +305,9 @@ def _inspect_npz(path: Path) -> dict[str, Any]:
         raise InspectError("invalid_dataset", f"not a readable .npz of plain arrays: {exc}") from exc
     if not arrays:
         raise InspectError("invalid_dataset", "the .npz holds no arrays")
+    not_arrays = sorted(name for name, value in arrays.items() if not isinstance(value, np.ndarray))
+    if not_arrays:  # np.load hands back members that are not .npy files as raw bytes
+        raise InspectError("invalid_dataset", f"the .npz has members that are not .npy arrays: {not_arrays}")
     samples = {name: int(arr.shape[0]) if arr.ndim else 1 for name, arr in arrays.items()}
     if len(set(samples.values())) != 1:
         raise InspectError("invalid_dataset", f"arrays disagree on the number of samples: {samples}")
