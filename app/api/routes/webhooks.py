@@ -10,11 +10,11 @@ from pydantic import BaseModel, ConfigDict, Field, HttpUrl
 from sqlalchemy import select
 
 from app.api.deps import ProjectDep, SessionDep
-from app.core.errors import not_found
+from app.core.errors import error_responses, not_found
 from app.db import crud
 from app.db.models import JOB_STATUSES, Webhook, WebhookDelivery
 
-router = APIRouter(tags=["webhooks"])
+router = APIRouter(tags=["webhooks"], responses=error_responses(401, 422))
 EVENTS = tuple(f"job.{status}" for status in JOB_STATUSES)
 
 
@@ -46,7 +46,7 @@ class DeliveryOut(BaseModel):
     delivered_at: Any
 
 
-@router.post("/webhooks", status_code=201, response_model=WebhookOut)
+@router.post("/webhooks", status_code=201, response_model=WebhookOut, responses=error_responses(400))
 def create_webhook(body: WebhookCreate, project: ProjectDep, session: SessionDep) -> Any:
     """The signing secret is returned once, here."""
     unknown = sorted(set(body.events) - set(EVENTS))
@@ -66,7 +66,7 @@ def list_webhooks(project: ProjectDep, session: SessionDep) -> Any:
     return [WebhookOut.model_validate(h).model_copy(update={"secret": None}) for h in hooks]
 
 
-@router.delete("/webhooks/{webhook_id}", status_code=204)
+@router.delete("/webhooks/{webhook_id}", status_code=204, responses=error_responses(404))
 def delete_webhook(webhook_id: str, project: ProjectDep, session: SessionDep) -> None:
     hook = crud.get_owned(session=session, cls=Webhook, project_id=project.id, ident=webhook_id)
     if hook is None:
@@ -75,7 +75,7 @@ def delete_webhook(webhook_id: str, project: ProjectDep, session: SessionDep) ->
     session.commit()
 
 
-@router.get("/webhooks/{webhook_id}/deliveries", response_model=list[DeliveryOut])
+@router.get("/webhooks/{webhook_id}/deliveries", response_model=list[DeliveryOut], responses=error_responses(404))
 def list_deliveries(
     webhook_id: str,
     project: ProjectDep,
