@@ -24,9 +24,11 @@ CHECKS = [
 ]
 
 
+@pytest.mark.services
 @pytest.mark.timeout(300)
-def test_fuzzed_api_answers_no_5xx_and_conforms_to_its_openapi(live_server, tmp_path: Path) -> None:
-    url, api = live_server(workers=0)
+@pytest.mark.parametrize("db", ["sqlite", "postgres"])
+def test_fuzzed_api_answers_no_5xx_and_conforms_to_its_openapi(live_server, tmp_path: Path, db: str) -> None:
+    url, api = live_server(workers=0, db=db)
     # Real rows, so that list endpoints return objects whose schema is checked, not only [].
     model = api.upload("/v1/models", files.tiny_onnx(tmp_path / "tiny.onnx")).json()
     data = files.npz(tmp_path / "d.npz", input=np.zeros((4, 8), np.float32))
@@ -101,3 +103,14 @@ def test_an_offset_past_a_sql_bigint_is_a_422(api) -> None:  # type: ignore[no-u
     assert response.status_code == 422, response.text
     assert response.json()["error"]["details"][0]["path"] == "query.offset"
     assert api.get("/v1/jobs", params={"offset": 2**63 - 1}).json()["items"] == []
+
+
+@pytest.mark.services
+def test_webhook_url_longer_than_its_column_is_a_422_on_postgres(service_env, make_api) -> None:  # type: ignore[no-untyped-def]
+    service_env(db="postgres")
+    api = make_api()
+    url = "https://example.com/" + "a" * 2000
+    response = api.post("/v1/webhooks", json={"url": url})
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["details"][0]["path"] == "body.url"
+    assert api.post("/v1/webhooks", json={"url": url[:1990]}).status_code == 201
