@@ -6,7 +6,7 @@ import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 from sqlalchemy import select
 
 from app.api.deps import ProjectDep, SessionDep
@@ -15,6 +15,7 @@ from app.db import crud
 from app.db.models import JOB_STATUSES, Webhook, WebhookDelivery
 
 router = APIRouter(tags=["webhooks"], responses=error_responses(401, 422))
+WEBHOOK_URL_MAX = 2000  # the column's length: PostgreSQL refuses longer (a 500 before this check)
 EVENTS = tuple(f"job.{status}" for status in JOB_STATUSES)
 
 
@@ -22,6 +23,13 @@ class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     url: HttpUrl
     events: list[str] = Field(default_factory=list, description=f"subset of {list(EVENTS)}; empty = all")
+
+    @field_validator("url")
+    @classmethod
+    def _fits_the_column(cls, url: HttpUrl) -> HttpUrl:
+        if len(str(url)) > WEBHOOK_URL_MAX:  # normalized (punycode, trailing slash) as it is stored
+            raise ValueError(f"URL longer than {WEBHOOK_URL_MAX} characters")
+        return url
 
 
 class WebhookOut(BaseModel):
