@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from python_multipart.exceptions import MultipartParseError
+from sqlalchemy.exc import DataError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.schemas.api import ErrorOut
@@ -68,6 +69,13 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(MultipartParseError)
     async def _bad_multipart(_: Request, exc: MultipartParseError) -> JSONResponse:
         return JSONResponse(error_body("invalid_body", f"malformed multipart body: {exc}"), status_code=400)
+
+    @app.exception_handler(DataError)
+    async def _refused_value(_: Request, exc: DataError) -> JSONResponse:
+        # The database refused a value the request carried (PostgreSQL: a NUL byte, an over-long string);
+        # the transaction never commits, so this is the client's 422 and nothing is half-written.
+        message = f"a value in the request cannot be stored or looked up: {str(exc.orig).splitlines()[0]}"
+        return JSONResponse(error_body("invalid_value", message), status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:

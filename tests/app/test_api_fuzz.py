@@ -46,7 +46,7 @@ def test_fuzzed_api_answers_no_5xx_and_conforms_to_its_openapi(live_server, tmp_
         "--phases",
         "examples,coverage,fuzzing,stateful",
         "--max-examples",
-        "40",
+        "100",
         "--generation-deterministic",  # same cases every run; implies no example database on disk
         "--workers",
         "1",
@@ -114,3 +114,16 @@ def test_webhook_url_longer_than_its_column_is_a_422_on_postgres(service_env, ma
     assert response.status_code == 422, response.text
     assert response.json()["error"]["details"][0]["path"] == "body.url"
     assert api.post("/v1/webhooks", json={"url": url[:1990]}).status_code == 201
+
+
+@pytest.mark.services
+def test_nul_bytes_are_a_422_on_postgres(service_env, make_api) -> None:  # type: ignore[no-untyped-def]
+    service_env(db="postgres")
+    api = make_api()
+    for url in ("/v1/models?sha256=a%00b", "/v1/jobs/a%00b", "/v1/jobs?method=a%00b"):
+        response = api.get(url)
+        assert response.status_code == 422, (url, response.text)
+        assert response.json()["error"]["code"] == "invalid_value"
+    created = api.post("/v1/jobs", json={"model_id": "a\x00b", "method": "quant_rtn"})
+    assert created.status_code == 422 and created.json()["error"]["code"] == "invalid_value", created.text
+    assert api.get("/v1/models").status_code == 200, "the session is usable after the refused value"
