@@ -125,7 +125,7 @@ def _guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namesp
         print(f"modelpress: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        _log("interrupted before a job was created; nothing runs on the server")
+        _log("interrupted before waiting on a job; the same command goes on from where it stopped")
         return EXIT_INTERRUPTED
 
 
@@ -144,16 +144,7 @@ def _compress(args: argparse.Namespace) -> int:
     _check_inputs(args)
     client = Client(args.url, args.api_key)
     client.validate_method(args.method, config, gate)
-    model = client.upload("models", args.model)
-    reused = ", already on server" if model["reused"] else ""
-    _log(f"model {model['id']} ({model['format']}, {model['size_bytes']} bytes{reused})")
-    body: dict[str, Any] = {"model_id": model["id"], "method": args.method, "config": config}
-    for role in ("calibration", "evaluation"):
-        path = getattr(args, role)
-        if path is not None:
-            dataset = client.upload("datasets", path, model_id=model["id"])
-            body[f"{role}_id"] = dataset["id"]
-            _log(f"{role} data {dataset['id']} ({dataset['kind']})")
+    model, body = _upload_inputs(client, args, config)
     if gate:
         body["gate"] = gate
     key = idempotency_key(
@@ -175,6 +166,23 @@ def _compress(args: argparse.Namespace) -> int:
         print(json.dumps({"job_id": job["id"], "status": job["status"]}))
         return EXIT_PASS
     return _attach(client, job["id"], args)
+
+
+def _upload_inputs(
+    client: Client, args: argparse.Namespace, config: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Upload (or find) the model and data; returns the model and the job body naming them."""
+    model = client.upload("models", args.model)
+    reused = ", already on server" if model["reused"] else ""
+    _log(f"model {model['id']} ({model['format']}, {model['size_bytes']} bytes{reused})")
+    body: dict[str, Any] = {"model_id": model["id"], "method": args.method, "config": config}
+    for role in ("calibration", "evaluation"):
+        path = getattr(args, role)
+        if path is not None:
+            dataset = client.upload("datasets", path, model_id=model["id"])
+            body[f"{role}_id"] = dataset["id"]
+            _log(f"{role} data {dataset['id']} ({dataset['kind']})")
+    return model, body
 
 
 def _attach(client: Client, job_id: str, args: argparse.Namespace) -> int:
