@@ -1,7 +1,8 @@
 """Python client for the modelpress API: the CLI's `compress` command is built on it.
 
 Transient failures (connection errors, 429, 502-504) are retried with exponential backoff; uploads
-are skipped when the server already holds a file with the same sha256.
+are skipped when the server already holds a file with the same sha256. Errors carry the server's
+details (each rejected field with its path, the valid method names), not only its summary line.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 
 EXIT_PASS, EXIT_GATE_FAILED, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+EXIT_INTERRUPTED = 130  # Ctrl-C: the shell convention (128 + SIGINT)
 RETRY_STATUSES = {429, 502, 503, 504}
 
 
@@ -61,12 +64,12 @@ class Client:
         url: str | None = None,
         api_key: str | None = None,
         *,
-        retries: int = 5,
+        retries: int | None = None,
         backoff_s: float = 0.5,
         timeout_s: float = 60.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        url = url or os.environ.get("MODELPRESS_URL") or "http://127.0.0.1:8000"
+        url = checked_url(url or os.environ.get("MODELPRESS_URL") or "http://127.0.0.1:8000")
         api_key = api_key or os.environ.get("MODELPRESS_API_KEY")
         if not api_key:
             raise ClientError("no API key: set MODELPRESS_API_KEY or pass --api-key")
@@ -91,6 +94,11 @@ class Client:
                     return _checked(response)
             time.sleep(self.backoff_s * 2**attempt)
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def validate_method(self, method: str, config: dict[str, Any], gate: dict[str, Any] | None) -> dict[str, Any]:
+        """The server's own config check, before anything is uploaded (422s name the field or the methods)."""
+        body = {"config": config, "gate": gate}
+        return self.request("POST", f"/v1/methods/{method}/validate", json=body).json()
 
     def upload(self, kind: str, path: Path, **fields: str) -> dict[str, Any]:
         """POST /v1/{models,datasets} unless the server already has this exact file."""
@@ -154,6 +162,26 @@ class Client:
         return target
 
 
+def checked_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ClientError(f"server URL must look like http://host:port, got {url!r} (did you mean http://{url}?)")
+    return url
+
+
+def describe_error(error: dict[str, Any]) -> str:
+    """`code: message`, then one line per detail the server gave (field paths, valid names, checks)."""
+    lines = [f"{error.get('code')}: {error.get('message')}"]
+    details = error.get("details")
+    if isinstance(details, list):
+        lines += [f"  {d['path']}: {d.get('message')}" for d in details if isinstance(d, dict) and "path" in d]
+    elif isinstance(details, dict) and isinstance(details.get("known"), list):
+        lines.append("  valid: " + ", ".join(str(name) for name in details["known"]))
+    elif isinstance(details, dict) and isinstance(details.get("checks"), list):
+        lines += [f"  {c.get('name')}: {c.get('message')}" for c in details["checks"] if not c.get("ok", True)]
+    return "\n".join(lines)
+
+
 def _checked(response: httpx.Response) -> httpx.Response:
     if response.status_code < 400:
         return response
@@ -163,4 +191,4 @@ def _checked(response: httpx.Response) -> httpx.Response:
     except Exception:
         error = {"code": "http_error", "message": response.text[:500]}
     cls = ServerUnreachable if response.status_code >= 500 else ClientError
-    raise cls(f"{error.get('code')}: {error.get('message')}", code=error.get("code"), status=response.status_code)
+    raise cls(describe_error(error), code=error.get("code"), status=response.status_code)

@@ -1,7 +1,12 @@
 """`modelpress compress`: what a CI pipeline calls. Exit codes are the contract:
 
 0 gate passed (or no gate), 1 gate failed, 2 job failed or cancelled, 3 usage or configuration
-error, 4 server unreachable or timed out.
+error, 4 server unreachable or timed out, 130 interrupted (Ctrl-C; the job goes on on the server and
+`modelpress wait JOB_ID` reattaches to it).
+
+The method, config and gate are checked by the server before anything is uploaded. A rerun of the
+same command finds its job by idempotency key (a retried CI step does not run it twice) unless that
+job failed or was cancelled: then it runs again. `--new` always starts a new job.
 """
 
 from __future__ import annotations
@@ -9,17 +14,22 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import shlex
 import sys
+import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
 
 from app.client.api import (
     EXIT_GATE_FAILED,
+    EXIT_INTERRUPTED,
     EXIT_JOB_FAILED,
     EXIT_PASS,
     Client,
     ClientError,
+    WaitTimeout,
     file_sha256,
 )
 
@@ -37,30 +47,56 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     compress.add_argument("--min-speedup", type=float)
     compress.add_argument("--max-size-bytes", type=int)
     compress.add_argument("--wait", action="store_true", help="wait for the job and apply the gate")
-    compress.add_argument("--timeout", type=float, default=3600.0)
-    compress.add_argument("--out", type=Path, default=Path("modelpress-out"))
-    compress.add_argument("--url", default=None, help="default: $MODELPRESS_URL")
-    compress.add_argument("--api-key", default=None, help="default: $MODELPRESS_API_KEY")
-    compress.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+    compress.add_argument("--new", action="store_true", help="a new job even if this exact request has one")
+    _add_wait_options(compress)
     compress.set_defaults(func=cmd_compress)
+    wait = sub.add_parser("wait", help="reattach to a job: wait, download, gate (exit codes as compress)")
+    wait.add_argument("job_id")
+    _add_wait_options(wait)
+    wait.set_defaults(func=cmd_wait)
 
 
-def _json_arg(text: str | None) -> dict[str, Any]:
+def _add_wait_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--timeout", type=float, default=3600.0)
+    parser.add_argument("--out", type=Path, default=Path("modelpress-out"))
+    parser.add_argument("--url", default=None, help="default: $MODELPRESS_URL")
+    parser.add_argument("--api-key", default=None, help="default: $MODELPRESS_API_KEY")
+    parser.add_argument("--no-progress", action="store_true", help="plain log lines even on a terminal")
+
+
+def _json_arg(text: str | None, option: str) -> dict[str, Any]:
+    """A JSON object given inline or as the path of a file holding one."""
     if not text:
         return {}
-    path = Path(text)
+    raw = _json_source(text, option)
     try:
-        raw = path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text
         value = json.loads(raw)
-    except (OSError, ValueError) as exc:
-        raise ClientError(f"not JSON or a JSON file: {text!r} ({exc})") from exc
+    except ValueError as exc:
+        where = f" in {text}" if raw is not text else ""
+        raise ClientError(f"{option}: not valid JSON{where} ({exc})") from exc
     if not isinstance(value, dict):
-        raise ClientError(f"expected a JSON object: {text!r}")
+        raise ClientError(f"{option}: expected a JSON object, got {text!r}")
     return value
 
 
+def _json_source(text: str, option: str) -> str:
+    if text.lstrip().startswith(("{", "[")):
+        return text
+    path = Path(text)
+    if path.is_file():
+        try:
+            return path.read_text()
+        except OSError as exc:
+            raise ClientError(f"{option}: cannot read {text}: {exc}") from exc
+    try:
+        json.loads(text)
+    except ValueError:
+        raise ClientError(f"{option}: file {text} does not exist (give a JSON object or a JSON file)") from None
+    return text
+
+
 def gate_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
-    gate = _json_arg(args.gate)
+    gate = _json_arg(args.gate, "--gate")
     for key in ("max_metric_drop", "min_speedup", "max_size_bytes"):
         if getattr(args, key) is not None:
             gate[key] = getattr(args, key)
@@ -75,28 +111,40 @@ def idempotency_key(parts: list[Any]) -> str:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    return _guarded(_compress, args)
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    return _guarded(lambda a: _attach(Client(a.url, a.api_key), a.job_id, a), args)
+
+
+def _guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
     try:
-        return _compress(args)
+        return command(args)
     except ClientError as exc:
         print(f"modelpress: {exc}", file=sys.stderr)
         return exc.exit_code
+    except KeyboardInterrupt:
+        _log("interrupted before waiting on a job; the same command goes on from where it stopped")
+        return EXIT_INTERRUPTED
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    for what, path in (
+        ("model", args.model),
+        ("calibration data", args.calibration),
+        ("evaluation data", args.evaluation),
+    ):
+        if path is not None and not path.exists():
+            raise ClientError(f"{what} not found: {path}")
 
 
 def _compress(args: argparse.Namespace) -> int:
-    config, gate = _json_arg(args.config), gate_from_args(args)
-    if not args.model.exists():
-        raise ClientError(f"model not found: {args.model}")
+    config, gate = _json_arg(args.config, "--config"), gate_from_args(args)
+    _check_inputs(args)
     client = Client(args.url, args.api_key)
-    model = client.upload("models", args.model)
-    reused = ", already on server" if model["reused"] else ""
-    _log(f"model {model['id']} ({model['format']}, {model['size_bytes']} bytes{reused})")
-    body: dict[str, Any] = {"model_id": model["id"], "method": args.method, "config": config}
-    for role in ("calibration", "evaluation"):
-        path = getattr(args, role)
-        if path is not None:
-            dataset = client.upload("datasets", path, model_id=model["id"])
-            body[f"{role}_id"] = dataset["id"]
-            _log(f"{role} data {dataset['id']} ({dataset['kind']})")
+    client.validate_method(args.method, config, gate)
+    model, body = _upload_inputs(client, args, config)
     if gate:
         body["gate"] = gate
     key = idempotency_key(
@@ -110,13 +158,55 @@ def _compress(args: argparse.Namespace) -> int:
             _digest_or_none(args.calibration),
         ]
     )
+    if args.new:
+        key = f"{key}-{uuid.uuid4().hex}"
     job = client.create_job(body, idempotency_key=key)
     _log(f"job {job['id']} {job['status']}")
     if not args.wait:
         print(json.dumps({"job_id": job["id"], "status": job["status"]}))
         return EXIT_PASS
-    job = client.wait(job["id"], timeout_s=args.timeout, on_update=_progress_printer(args.no_progress))
-    return _conclude(client, job, args.out)
+    return _attach(client, job["id"], args)
+
+
+def _upload_inputs(
+    client: Client, args: argparse.Namespace, config: dict[str, Any]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Upload (or find) the model and data; returns the model and the job body naming them."""
+    model = client.upload("models", args.model)
+    reused = ", already on server" if model["reused"] else ""
+    _log(f"model {model['id']} ({model['format']}, {model['size_bytes']} bytes{reused})")
+    body: dict[str, Any] = {"model_id": model["id"], "method": args.method, "config": config}
+    for role in ("calibration", "evaluation"):
+        path = getattr(args, role)
+        if path is not None:
+            dataset = client.upload("datasets", path, model_id=model["id"])
+            body[f"{role}_id"] = dataset["id"]
+            _log(f"{role} data {dataset['id']} ({dataset['kind']})")
+    return model, body
+
+
+def _attach(client: Client, job_id: str, args: argparse.Namespace) -> int:
+    """Wait for the job, then download and gate; Ctrl-C or a timeout leave it running and say how to return."""
+    try:
+        job = client.wait(job_id, timeout_s=args.timeout, on_update=_progress_printer(args.no_progress))
+        return _conclude(client, job, args.out)
+    except KeyboardInterrupt:
+        _log(f"interrupted: job {job_id} goes on on the server; reattach with\n  {reattach_command(job_id, args)}")
+        return EXIT_INTERRUPTED
+    except WaitTimeout as exc:
+        raise WaitTimeout(
+            f"{exc}; it goes on on the server; reattach with\n  {reattach_command(job_id, args)}"
+        ) from exc
+
+
+def reattach_command(job_id: str, args: argparse.Namespace) -> str:
+    """The `modelpress wait` line for this job with this command's options (never the API key)."""
+    words = ["modelpress", "wait", job_id, "--out", str(args.out), "--timeout", f"{args.timeout:g}"]
+    if args.url:
+        words += ["--url", args.url]
+    if args.no_progress:
+        words.append("--no-progress")
+    return shlex.join(words)
 
 
 def _digest_or_none(path: Path | None) -> str | None:

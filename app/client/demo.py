@@ -101,6 +101,7 @@ def run_demo(*, method: str, config_json: str | None, port: int) -> int:
             min_speedup=None,
             max_size_bytes=None,
             wait=True,
+            new=False,
             timeout=1800.0,
             out=DEMO_DIR / "out",
             url=url,

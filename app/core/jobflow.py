@@ -22,6 +22,7 @@ from compression.configs import CONFIG_CLASSES, MethodConfigBase, parse_config
 
 log = logging.getLogger(__name__)
 
+RETRYABLE_STATUSES = ("failed", "cancelled")  # a job in these gives its Idempotency-Key to a new job
 SUMMARY_KEYS = ("original", "compressed", "fidelity", "speedup", "size_ratio", "metric_name")
 
 
@@ -159,12 +160,17 @@ def create_job(
     config: MethodConfigBase,
     idempotency_key: str | None,
 ) -> tuple[Job, bool]:
-    """Commit the job row (or find the idempotent twin); returns (job, created)."""
+    """Commit the job row (or find the idempotent twin); returns (job, created).
+
+    An Idempotency-Key names one request: replayed with another body it is a 409. It replays the job
+    while that job is queued, running or succeeded; once its job failed or was cancelled, the same
+    request runs again as a new job, which takes the key over (the dead job keeps no key).
+    """
     digest = request_hash(body)
     if idempotency_key:
-        existing = crud.find_job_by_idempotency_key(session=session, project_id=project.id, key=idempotency_key)
-        if existing is not None:
-            return _same_request(existing, digest), False
+        replayed = _replay_or_release(session=session, project=project, key=idempotency_key, digest=digest)
+        if replayed is not None:
+            return replayed, False
     job = Job(
         project_id=project.id,
         model_id=body.model_id,
@@ -190,6 +196,18 @@ def create_job(
             raise
         return _same_request(existing, digest), False
     return job, True
+
+
+def _replay_or_release(*, session: Session, project: Project, key: str, digest: str) -> Job | None:
+    """The job this key names, to replay; None when there is none or it died (then the key is freed)."""
+    existing = crud.find_job_by_idempotency_key(session=session, project_id=project.id, key=key)
+    if existing is None:
+        return None
+    _same_request(existing, digest)
+    if existing.status not in RETRYABLE_STATUSES:
+        return existing
+    crud.release_idempotency_key(session=session, job=existing)
+    return None
 
 
 def _same_request(job: Job, digest: str) -> Job:

@@ -51,6 +51,12 @@ def find_job_by_idempotency_key(*, session: Session, project_id: str, key: str) 
     return session.scalar(select(Job).where(Job.project_id == project_id, Job.idempotency_key == key))
 
 
+def release_idempotency_key(*, session: Session, job: Job) -> None:
+    """The key moves to a new job (flushed now, so the unique index sees it before the insert)."""
+    job.idempotency_key = None
+    session.flush()
+
+
 def list_jobs(
     *,
     session: Session,

@@ -2,12 +2,35 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-from typing import Any, Literal
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from compression.configs import Gate
+
+
+def _assume_utc(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+# SQLite hands timestamps back without their offset; every one the app writes is UTC, and the API
+# promises RFC 3339 date-times (with an offset), so a naive value is read as UTC.
+UTCDateTime = Annotated[datetime, AfterValidator(_assume_utc)]
+
+
+class ErrorBody(BaseModel):
+    code: str = Field(description="machine-readable, e.g. `invalid_config`, `not_found`")
+    message: str
+    details: Any = Field(
+        default=None, description="for validation errors a list of {path, message, type}; else code-specific"
+    )
+
+
+class ErrorOut(BaseModel):
+    """Every 4xx/5xx answer: `{"error": {"code", "message", "details"}}`."""
+
+    error: ErrorBody
 
 
 class _Out(BaseModel):
@@ -22,7 +45,7 @@ class ModelOut(_Out):
     size_bytes: int
     param_count: int | None
     info: dict[str, Any]
-    created_at: datetime
+    created_at: UTCDateTime
 
 
 class DatasetOut(_Out):
@@ -32,7 +55,7 @@ class DatasetOut(_Out):
     sha256: str
     size_bytes: int
     info: dict[str, Any]
-    created_at: datetime
+    created_at: UTCDateTime
 
 
 class JobCreate(BaseModel):
@@ -79,10 +102,10 @@ class JobOut(BaseModel):
     artifacts: list[ArtifactOut]
     attempts: int
     worker_host: str | None
-    created_at: datetime
-    started_at: datetime | None
-    finished_at: datetime | None
-    heartbeat_at: datetime | None
+    created_at: UTCDateTime
+    started_at: UTCDateTime | None
+    finished_at: UTCDateTime | None
+    heartbeat_at: UTCDateTime | None
 
 
 class JobPage(BaseModel):
@@ -99,6 +122,21 @@ class PreflightOut(BaseModel):
     estimate: dict[str, Any]
     skipped_layers: dict[str, str] | list[Any] | None = None
     details: dict[str, Any] | None = None
+
+
+class ConfigCheck(BaseModel):
+    """A method config (and gate) checked before anything is uploaded."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    config: dict[str, Any] = Field(default_factory=dict)
+    gate: Gate | None = None
+
+
+class ConfigCheckOut(BaseModel):
+    method: str
+    config: dict[str, Any] = Field(description="the config with every default filled in")
+    needs_calibration: bool
 
 
 class MethodOut(BaseModel):

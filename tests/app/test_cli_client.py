@@ -1,12 +1,16 @@
 """The CI client for real: the installed `modelpress` CLI against a live server and worker, for a
-passing and a failing gate, with exit codes and JUnit checked; and the CI example files."""
+passing and a failing gate, with exit codes and JUnit checked; rejections explained before any
+upload; Ctrl-C and reattaching; reruns after a dead job; and the CI example files."""
 
 from __future__ import annotations
 
 import json
+import os
 import shlex
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from xml.etree import ElementTree as ET
 
@@ -20,23 +24,27 @@ from tests.helpers import files
 pytestmark = pytest.mark.services
 
 
+MODELPRESS = str(Path(sys.executable).with_name("modelpress"))
+
+
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    command = [str(Path(sys.executable).with_name("modelpress")), *args]
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run([MODELPRESS, *args], env=env, capture_output=True, text=True, timeout=300)
 
 
-@pytest.fixture
-def ci(live_server, tmp_path):  # type: ignore[no-untyped-def]
-    import os
-
-    url, api = live_server(workers=1)
+def start_ci(live_server, tmp_path: Path, **server):  # type: ignore[no-untyped-def]
+    url, api = live_server(**server)
     env = {**os.environ, "MODELPRESS_URL": url, "MODELPRESS_API_KEY": api.key}
     model = files.tiny_onnx(tmp_path / "tiny.onnx")
     rng = np.random.default_rng(0)
     data = files.npz(
         tmp_path / "eval.npz", input=rng.standard_normal((64, 8)).astype(np.float32), labels=rng.integers(0, 3, 64)
     )
-    return env, model, data, tmp_path
+    return env, model, data, tmp_path, api
+
+
+@pytest.fixture
+def ci(live_server, tmp_path):  # type: ignore[no-untyped-def]
+    return start_ci(live_server, tmp_path, workers=1)[:4]
 
 
 def junit_cases(path: Path) -> dict[str, bool]:
@@ -84,6 +92,7 @@ def test_usage_and_unreachable_exit_codes(ci) -> None:  # type: ignore[no-untype
     assert bad_config.returncode == 3 and "invalid_config" in bad_config.stderr
     missing = run_cli("compress", str(tmp / "nope.onnx"), "--method", "quant_rtn", env=env)
     assert missing.returncode == 3
+    started = time.monotonic()
     unreachable = run_cli(
         "compress",
         str(model),
@@ -94,6 +103,7 @@ def test_usage_and_unreachable_exit_codes(ci) -> None:  # type: ignore[no-untype
         env={**env, "MODELPRESS_CLIENT_RETRIES": "1"},
     )
     assert unreachable.returncode == 4 and "unreachable" in unreachable.stderr
+    assert time.monotonic() - started < 8, "MODELPRESS_CLIENT_RETRIES=1: one retry (0.5 s), not the default five (15 s)"
 
 
 @pytest.mark.parametrize("name", ["github-actions.yml", "gitlab-ci.yml"])
@@ -116,3 +126,74 @@ def _strings(node: object) -> list[str]:
     if isinstance(node, list):
         return [s for v in node for s in _strings(v)]
     return []
+
+
+def test_rejections_name_each_field_and_the_valid_methods_before_any_upload(live_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env, model, _, _, api = start_ci(live_server, tmp_path, workers=0)
+    extra = run_cli(
+        "compress", str(model), "--method", "prune_structured", "--config", '{"flops_target": 0.5}', env=env
+    )
+    assert extra.returncode == 3, extra.stderr
+    assert "invalid_config" in extra.stderr
+    assert "config.flops_target: Extra inputs are not permitted" in extra.stderr
+    unknown = run_cli("compress", str(model), "--method", "quant_nope", env=env)
+    assert unknown.returncode == 3 and "unknown_method" in unknown.stderr
+    assert "valid: " in unknown.stderr and "quant_rtn" in unknown.stderr and "prune_structured" in unknown.stderr
+    bad_gate = run_cli("compress", str(model), "--method", "quant_rtn", "--gate", '{"max_drop": 1}', env=env)
+    assert bad_gate.returncode == 3 and "gate.max_drop" in bad_gate.stderr, bad_gate.stderr
+    assert api.get("/v1/models").json() == [], "nothing may be uploaded for a request the server refuses"
+
+
+def test_missing_config_file_and_url_without_scheme_are_usage_errors(ci) -> None:  # type: ignore[no-untyped-def]
+    env, model, _, tmp = ci
+    missing = run_cli("compress", str(model), "--method", "quant_rtn", "--config", str(tmp / "cfg.json"), env=env)
+    assert missing.returncode == 3
+    assert f"--config: file {tmp / 'cfg.json'} does not exist" in missing.stderr
+    no_scheme = run_cli("compress", str(model), "--method", "quant_rtn", "--url", "localhost:8000", env=env)
+    assert no_scheme.returncode == 3, no_scheme.stderr
+    assert "did you mean http://localhost:8000" in no_scheme.stderr and "unreachable" not in no_scheme.stderr
+
+
+def test_rerun_after_a_cancelled_job_runs_again_and_new_forces_a_job(live_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env, model, _, _, api = start_ci(live_server, tmp_path, workers=0)  # no worker: jobs stay queued
+    args = ["compress", str(model), "--method", "quant_rtn"]
+
+    def job_of(*extra: str) -> str:
+        run = run_cli(*args, *extra, env=env)
+        assert run.returncode == 0, run.stderr
+        return json.loads(run.stdout)["job_id"]
+
+    first = job_of()
+    assert api.post(f"/v1/jobs/{first}/cancel").json()["status"] == "cancelled"
+    second = job_of()
+    assert second != first, "a cancelled job must not capture the command's idempotency key"
+    assert job_of() == second, "a live job is still found again by the rerun"
+    forced = job_of("--new")
+    assert forced not in (first, second)
+    assert job_of() == second, "--new does not take the key over"
+    assert api.get(f"/v1/jobs/{first}").json()["status"] == "cancelled"
+
+
+def test_ctrl_c_during_wait_leaves_the_job_running_and_the_hint_reattaches(live_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env, model, data, tmp, _ = start_ci(live_server, tmp_path, workers=1, MODELPRESS_FAULT_STAGE_DELAY_S="2")
+    out = tmp / "out"
+    command = [MODELPRESS, "compress", str(model), "--method", "quant_rtn", "--evaluation", str(data)]
+    command += ["--max-metric-drop", "0.5", "--wait", "--no-progress", "--timeout", "180", "--out", str(out)]
+    cli = subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True)
+    seen = []
+    while not any(line.startswith("modelpress: running") for line in seen):
+        line = cli.stderr.readline()  # type: ignore[union-attr]
+        assert line, f"the CLI ended before the job ran: {seen}"
+        seen.append(line)
+    cli.send_signal(signal.SIGINT)
+    rest = cli.communicate(timeout=60)[1]
+    assert cli.returncode == 130, rest
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
+    job_id = next(line.split()[2] for line in seen if line.startswith("modelpress: job "))
+    assert f"interrupted: job {job_id} goes on on the server" in rest
+    hint = rest.strip().splitlines()[-1].strip()
+    assert hint.startswith(f"modelpress wait {job_id} ")
+    reattached = run_cli(*shlex.split(hint)[1:], env=env)
+    assert reattached.returncode == 0, reattached.stderr
+    assert "verdict: pass" in reattached.stdout
+    assert junit_cases(out / "junit.xml") == {"max_metric_drop": True}

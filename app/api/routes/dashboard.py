@@ -12,12 +12,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from app.api.deps import ProjectDep, SessionDep
-from app.core.errors import not_found
+from app.core.errors import error_responses, not_found
 from app.core.metrics import safe_queue_depths
 from app.db import crud
 from app.db.models import Job, WorkerHeartbeat, utcnow
 
-router = APIRouter(tags=["dashboard"])
+router = APIRouter(tags=["dashboard"], responses=error_responses(401, 422))
 page_router = APIRouter(include_in_schema=False)
 PAGE = Path(__file__).resolve().parents[2] / "templates" / "dashboard.html"
 
@@ -94,7 +94,7 @@ def _throughput(finished: list[Job], now: Any) -> list[dict[str, Any]]:
     return [{"hours_ago": 23 - i, "finished": n} for i, n in enumerate(buckets)]
 
 
-@router.get("/jobs/{job_id}/events")
+@router.get("/jobs/{job_id}/events", responses=error_responses(404))
 def job_events(job_id: str, project: ProjectDep, session: SessionDep) -> list[dict[str, Any]]:
     job = crud.get_owned(session=session, cls=Job, project_id=project.id, ident=job_id)
     if job is None:

@@ -13,7 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ProjectDep, SessionDep, StoreDep
 from app.core import jobflow
-from app.core.errors import APIError, not_found
+from app.core.errors import APIError, error_responses, not_found
 from app.core.limits import refuse_if_over_worker_memory
 from app.core.report_html import render_report_html
 from app.db import crud
@@ -21,7 +21,8 @@ from app.db.models import JOB_STATUSES, TERMINAL_STATUSES, Artifact, Job
 from app.db.session import session_scope
 from app.schemas.api import JobCreate, JobOut, JobPage, PreflightOut
 
-router = APIRouter(tags=["jobs"])
+router = APIRouter(tags=["jobs"], responses=error_responses(401, 422))
+SQL_BIGINT_MAX = 2**63 - 1  # past this the database driver overflows on OFFSET (a 500, not a 422)
 
 
 def _owned_job(session: SessionDep, project: ProjectDep, job_id: str) -> Job:
@@ -31,7 +32,9 @@ def _owned_job(session: SessionDep, project: ProjectDep, job_id: str) -> Job:
     return job
 
 
-@router.post("/jobs", status_code=202, response_model=JobOut | PreflightOut)
+@router.post(
+    "/jobs", status_code=202, response_model=JobOut | PreflightOut, responses=error_responses(400, 404, 409, 413, 429)
+)
 def create_job(
     body: JobCreate,
     project: ProjectDep,
@@ -73,7 +76,7 @@ def list_jobs(
     method: str | None = None,
     model_id: str | None = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=SQL_BIGINT_MAX)] = 0,
 ) -> Any:
     if status is not None and status not in JOB_STATUSES:
         raise APIError(422, "invalid_filter", f"status must be one of {list(JOB_STATUSES)}")
@@ -102,7 +105,11 @@ def etag_of(job: JobOut) -> str:
     return '"' + hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:32] + '"'
 
 
-@router.get("/jobs/{job_id}", response_model=JobOut, responses={304: {"description": "unchanged (ETag)"}})
+@router.get(
+    "/jobs/{job_id}",
+    response_model=JobOut,
+    responses={304: {"description": "unchanged (ETag)"}, **error_responses(404)},
+)
 async def get_job(
     job_id: str,
     project: ProjectDep,
@@ -123,7 +130,7 @@ async def get_job(
     return JSONResponse(job.model_dump(mode="json"), headers={"ETag": etag, "Cache-Control": "no-cache"})
 
 
-@router.post("/jobs/{job_id}/cancel", response_model=JobOut)
+@router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409))
 def cancel_job(job_id: str, project: ProjectDep, session: SessionDep) -> Any:
     job = _owned_job(session, project, job_id)
     if job.status in ("succeeded", "failed", "cancelled"):
@@ -139,18 +146,30 @@ def _report(job: Job) -> dict[str, Any]:
     return job.report
 
 
-@router.get("/jobs/{job_id}/report")
+@router.get("/jobs/{job_id}/report", responses=error_responses(404, 409))
 def get_report(job_id: str, project: ProjectDep, session: SessionDep) -> Any:
     return _report(_owned_job(session, project, job_id))
 
 
-@router.get("/jobs/{job_id}/report.html", response_class=HTMLResponse)
+# `response_class=Response` (no media type of its own) keeps the declared errors application/json.
+@router.get(
+    "/jobs/{job_id}/report.html",
+    response_class=Response,
+    responses={200: {"content": {"text/html": {"schema": {"type": "string"}}}}, **error_responses(404, 409)},
+)
 def get_report_html(job_id: str, project: ProjectDep, session: SessionDep) -> Any:
     job = _owned_job(session, project, job_id)
     return HTMLResponse(render_report_html(job=job, report=_report(job)))
 
 
-@router.get("/artifacts/{artifact_id}")
+@router.get(
+    "/artifacts/{artifact_id}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}}},
+        **error_responses(404),
+    },
+)
 def download_artifact(artifact_id: str, project: ProjectDep, session: SessionDep, store: StoreDep) -> Any:
     artifact = crud.get_owned(session=session, cls=Artifact, project_id=project.id, ident=artifact_id)
     if artifact is None:

@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import ProjectDep, SessionDep, SettingsDep, StoreDep
 from app.api.upload import Received, receive_file
-from app.core.errors import APIError, not_found
+from app.core.errors import APIError, error_responses, not_found
 from app.core.inspect import (
     InspectError,
     check_dataset_matches_model,
@@ -24,7 +24,17 @@ from app.db.models import Dataset, Model
 from app.schemas.api import DatasetOut, ModelOut
 from app.storage.store import Store
 
-router = APIRouter(tags=["uploads"])
+router = APIRouter(tags=["uploads"], responses=error_responses(401, 422))
+UPLOAD_ERRORS = error_responses(400, 413, 415)
+
+
+def multipart_body(**fields: dict[str, Any]) -> dict[str, Any]:
+    """The OpenAPI request body of a streamed upload (the route reads the stream itself, so FastAPI cannot)."""
+    properties = {"file": {"type": "string", "format": "binary"}, **fields}
+    schema = {"type": "object", "required": ["file"], "properties": properties}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": schema}}}}
+
+
 T = TypeVar("T")
 
 
@@ -50,7 +60,9 @@ async def _record(session: Session, row: T) -> T:
     return row
 
 
-@router.post("/models", status_code=201, response_model=ModelOut)
+@router.post(
+    "/models", status_code=201, response_model=ModelOut, responses=UPLOAD_ERRORS, openapi_extra=multipart_body()
+)
 async def upload_model(
     request: Request, project: ProjectDep, session: SessionDep, store: StoreDep, settings: SettingsDep
 ) -> Any:
@@ -76,7 +88,7 @@ def list_models(project: ProjectDep, session: SessionDep, sha256: str | None = N
     return crud.list_owned(session=session, cls=Model, project_id=project.id, sha256=sha256)
 
 
-@router.get("/models/{model_id}", response_model=ModelOut)
+@router.get("/models/{model_id}", response_model=ModelOut, responses=error_responses(404))
 def get_model(model_id: str, project: ProjectDep, session: SessionDep) -> Any:
     model = crud.get_model(session=session, project_id=project.id, model_id=model_id)
     if model is None:
@@ -84,7 +96,13 @@ def get_model(model_id: str, project: ProjectDep, session: SessionDep) -> Any:
     return model
 
 
-@router.post("/datasets", status_code=201, response_model=DatasetOut)
+@router.post(
+    "/datasets",
+    status_code=201,
+    response_model=DatasetOut,
+    responses={**UPLOAD_ERRORS, **error_responses(404)},
+    openapi_extra=multipart_body(model_id={"type": "string"}),
+)
 async def upload_dataset(
     request: Request, project: ProjectDep, session: SessionDep, store: StoreDep, settings: SettingsDep
 ) -> Any:
@@ -126,7 +144,7 @@ def list_datasets(project: ProjectDep, session: SessionDep, sha256: str | None =
     return crud.list_owned(session=session, cls=Dataset, project_id=project.id, sha256=sha256)
 
 
-@router.get("/datasets/{dataset_id}", response_model=DatasetOut)
+@router.get("/datasets/{dataset_id}", response_model=DatasetOut, responses=error_responses(404))
 def get_dataset(dataset_id: str, project: ProjectDep, session: SessionDep) -> Any:
     dataset = crud.get_dataset(session=session, project_id=project.id, dataset_id=dataset_id)
     if dataset is None:

@@ -6,17 +6,18 @@ import secrets
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl
+from pydantic import BaseModel, ConfigDict, Field, HttpUrl, field_validator
 from sqlalchemy import select
 
 from app.api.deps import ProjectDep, SessionDep, SettingsDep
-from app.core.errors import APIError, not_found
+from app.core.errors import APIError, error_responses, not_found
 from app.core.settings import Settings
 from app.core.webhook_targets import TargetForbidden, TargetUnresolvable, resolve_target
 from app.db import crud
 from app.db.models import JOB_STATUSES, Webhook, WebhookDelivery
 
-router = APIRouter(tags=["webhooks"])
+router = APIRouter(tags=["webhooks"], responses=error_responses(401, 422))
+WEBHOOK_URL_MAX = 2000  # the column's length: PostgreSQL refuses longer (a 500 before this check)
 EVENTS = tuple(f"job.{status}" for status in JOB_STATUSES)
 
 
@@ -24,6 +25,13 @@ class WebhookCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
     url: HttpUrl
     events: list[str] = Field(default_factory=list, description=f"subset of {list(EVENTS)}; empty = all")
+
+    @field_validator("url")
+    @classmethod
+    def _fits_the_column(cls, url: HttpUrl) -> HttpUrl:
+        if len(str(url)) > WEBHOOK_URL_MAX:  # normalized (punycode, trailing slash) as it is stored
+            raise ValueError(f"URL longer than {WEBHOOK_URL_MAX} characters")
+        return url
 
 
 class WebhookOut(BaseModel):
@@ -59,7 +67,7 @@ def check_target(url: str, settings: Settings) -> None:
         raise APIError(422, "webhook_target_unresolvable", str(exc), {"url": url}) from exc
 
 
-@router.post("/webhooks", status_code=201, response_model=WebhookOut)
+@router.post("/webhooks", status_code=201, response_model=WebhookOut, responses=error_responses(400, 413))
 def create_webhook(body: WebhookCreate, project: ProjectDep, session: SessionDep, settings: SettingsDep) -> Any:
     """The signing secret is returned once, here."""
     unknown = sorted(set(body.events) - set(EVENTS))
@@ -78,7 +86,7 @@ def list_webhooks(project: ProjectDep, session: SessionDep) -> Any:
     return [WebhookOut.model_validate(h).model_copy(update={"secret": None}) for h in hooks]
 
 
-@router.delete("/webhooks/{webhook_id}", status_code=204)
+@router.delete("/webhooks/{webhook_id}", status_code=204, responses=error_responses(404))
 def delete_webhook(webhook_id: str, project: ProjectDep, session: SessionDep) -> None:
     hook = crud.get_owned(session=session, cls=Webhook, project_id=project.id, ident=webhook_id)
     if hook is None:
@@ -87,7 +95,7 @@ def delete_webhook(webhook_id: str, project: ProjectDep, session: SessionDep) ->
     session.commit()
 
 
-@router.get("/webhooks/{webhook_id}/deliveries", response_model=list[DeliveryOut])
+@router.get("/webhooks/{webhook_id}/deliveries", response_model=list[DeliveryOut], responses=error_responses(404))
 def list_deliveries(
     webhook_id: str,
     project: ProjectDep,
