@@ -5,14 +5,20 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODELPRESS_", env_file=None, extra="ignore")
 
-    data_dir: Path = Field(Path("var"), description="Root of the embedded default's files.")
+    data_dir: Path = Field(
+        Path("var"),
+        validate_default=True,
+        description="Root of the embedded default's files; a relative path is made absolute once, against the "
+        "working directory of the command that reads the settings (`modelpress serve` hands the absolute path "
+        "to its API and worker processes).",
+    )
     database_url: str = Field("", description="SQLAlchemy URL; default: SQLite under data_dir.")
     broker_url: str = Field("", description="Celery broker URL; default: kombu filesystem transport.")
     store_url: str = Field("", description="file:///path or s3://bucket/prefix; default: data_dir/store.")
@@ -36,9 +42,14 @@ class Settings(BaseSettings):
         0.0, ge=0, description="Fault injection for chaos tests: sleep this long in each worker stage."
     )
 
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'modelpress.db').resolve()}"
+        return self.database_url or f"sqlite:///{self.data_dir / 'modelpress.db'}"
 
     @property
     def resolved_broker_url(self) -> str:
@@ -46,11 +57,11 @@ class Settings(BaseSettings):
 
     @property
     def broker_folder(self) -> Path:
-        return (self.data_dir / "broker").resolve()
+        return self.data_dir / "broker"
 
     @property
     def resolved_store_url(self) -> str:
-        return self.store_url or f"file://{(self.data_dir / 'store').resolve()}"
+        return self.store_url or f"file://{self.data_dir / 'store'}"
 
     @property
     def is_embedded_broker(self) -> bool:
