@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     database_url: str = Field("", description="SQLAlchemy URL; default: SQLite under data_dir.")
     broker_url: str = Field("", description="Celery broker URL; default: kombu filesystem transport.")
     store_url: str = Field("", description="file:///path or s3://bucket/prefix; default: data_dir/store.")
+    db_pool_size: int = Field(
+        20, ge=1, description="Database connections each process keeps open; as many again may open under load."
+    )
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
 
