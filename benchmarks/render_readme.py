@@ -69,7 +69,7 @@ def render_service(data: dict[str, Any]) -> str:
         ["deployment", "enqueue→start median s", "max s", "upload MB", "MB/s", "API RSS before MB", "API peak RSS MB"],
         extra,
     )
-    notes = "".join(f"\n- {note}" for note in data.get("notes", []))
+    notes = "\n" + "".join(f"\n- {note}" for note in data["notes"]) if data.get("notes") else ""
     return f"{table}\n\n{table2}\n\n_{data.get('machine', '')}; args {data.get('args')}_{notes}"
 
 
