@@ -4,8 +4,7 @@
 FROM python:3.11-slim AS base
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1
 WORKDIR /srv/modelpress
-COPY pyproject.toml README.md alembic.ini ./
-COPY alembic ./alembic
+COPY pyproject.toml README.md ./
 COPY app ./app
 COPY compression ./compression
 COPY workers ./workers

@@ -11,28 +11,32 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+if TYPE_CHECKING:
+    from fastapi import FastAPI
+
+    from app.core.settings import Settings
+
+# The directory holding the packages: the checkout in development (tests and benchmarks run from it),
+# site-packages once installed. Nothing at runtime may depend on it.
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def migrate(url: str | None = None) -> None:
     """alembic upgrade head on the configured database (SQLite file created on first use)."""
-    from alembic.config import Config
-
-    from alembic import command
     from app.core.settings import get_settings
+    from app.db.schema import upgrade_to_head
 
     settings = get_settings()
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "alembic"))
-    config.set_main_option("sqlalchemy.url", url or settings.resolved_database_url)
-    command.upgrade(config, "head")
+    upgrade_to_head(url or settings.resolved_database_url)
 
 
 def worker_command(queues: str = "gpu,cpu", concurrency: int = 1, name: str | None = None) -> list[str]:
     command = [
         sys.executable,
+        "-P",  # the installed packages, never an `app/` or `workers/` folder in the working directory
         "-m",
         "celery",
         "-A",
@@ -69,7 +73,8 @@ class WorkerSupervisor:
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
         name = f"embedded{index}@%h"
         command = worker_command(self.queues, 1, name)
-        return subprocess.Popen(command, cwd=ROOT, env=os.environ.copy(), preexec_fn=_terminate_with_parent)
+        # The working directory and environment of `serve` itself: its settings were pinned there already.
+        return subprocess.Popen(command, env=os.environ.copy(), preexec_fn=_terminate_with_parent)
 
     def _watch(self) -> None:
         while not self.stop.wait(2.0):
@@ -102,21 +107,56 @@ def _exit_on_sigterm(signum: int, frame: object) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
+    from app.core.janitor import start_janitor_thread
 
+    settings = _pin_serve_settings()
     migrate()
     supervisor = WorkerSupervisor(args.workers, args.queues) if args.workers > 0 else None
     if supervisor:
         supervisor.start()
+    stop_janitor = threading.Event()
+    if settings.janitor_enabled:
+        start_janitor_thread(stop_janitor)
     # uvicorn re-raises the SIGTERM it caught once it has shut down; with the default handler that
     # ended the process before the `finally` below, leaving the workers orphaned and still consuming.
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     try:
-        uvicorn.run("app.main:app", host=args.host, port=args.port, log_level="info")
+        _run_api(args.host, args.port, args.api_workers)
     finally:
+        stop_janitor.set()
         if supervisor:
             supervisor.shutdown()
     return 0
+
+
+def _pin_serve_settings() -> Settings:
+    """Reads the user's settings once, here, and hands them to every child through the environment: the
+    data dir as an absolute path (a child that resolved `var` itself used another database), and the
+    janitor off in the API processes, since `serve` runs the one janitor itself however many there are."""
+    from app.core.settings import Settings, get_settings
+
+    settings = Settings()
+    os.environ["MODELPRESS_DATA_DIR"] = str(settings.data_dir)
+    os.environ["MODELPRESS_JANITOR_ENABLED"] = "false"
+    get_settings.cache_clear()  # this process hosts an API process too: it reads the pinned values
+    return settings
+
+
+def _run_api(host: str, port: int, processes: int) -> None:
+    import uvicorn
+
+    if processes == 1:
+        uvicorn.run("app.main:app", host=host, port=port, log_level="info")
+        return
+    uvicorn.run("app.cli:api_process_app", factory=True, host=host, port=port, workers=processes, log_level="info")
+
+
+def api_process_app() -> FastAPI:
+    """The app of one of `serve --api-workers N`'s processes (uvicorn's); it ends with `serve`, even killed."""
+    from app.main import create_app
+
+    _terminate_with_parent()
+    return create_app()
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -159,6 +199,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(method=args.method, config_json=args.config, port=args.port)
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelpress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -167,6 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="local worker processes to supervise (0: none)")
     serve.add_argument("--queues", default="gpu,cpu")
+    serve.add_argument(
+        "--api-workers", type=_positive_int, default=1, help="API processes (uvicorn workers) sharing the port"
+    )
     serve.set_defaults(func=cmd_serve)
     worker = sub.add_parser("worker", help="a Celery worker process")
     worker.add_argument("--queues", default="gpu,cpu")

@@ -35,6 +35,7 @@ def render_service(data: dict[str, Any]) -> str:
     rows = []
     for result in data["results"]:
         for poll in result["polling"]:
+            anchor = poll.get("anchor", {})
             rows.append(
                 [
                     result["deployment"],
@@ -43,9 +44,15 @@ def render_service(data: dict[str, Any]) -> str:
                     poll["p50_ms"],
                     poll["p99_ms"],
                     poll["errors"],
+                    anchor.get("throughput_rps"),
+                    anchor.get("p50_ms"),
+                    anchor.get("p99_ms"),
+                    poll.get("ratio"),
                 ]
             )
-    table = markdown_table(["deployment", "load", "req/s", "p50 ms", "p99 ms", "errors"], rows)
+    columns = ["deployment", "load", "req/s", "p50 ms", "p99 ms", "errors"]
+    columns += ["anchor req/s", "anchor p50 ms", "anchor p99 ms", "ratio"]
+    table = markdown_table(columns, rows)
     extra = [
         [
             r["deployment"],
@@ -62,7 +69,8 @@ def render_service(data: dict[str, Any]) -> str:
         ["deployment", "enqueue→start median s", "max s", "upload MB", "MB/s", "API RSS before MB", "API peak RSS MB"],
         extra,
     )
-    return f"{table}\n\n{table2}\n\n_{data.get('machine', '')}; args {data.get('args')}_"
+    notes = "\n" + "".join(f"\n- {note}" for note in data["notes"]) if data.get("notes") else ""
+    return f"{table}\n\n{table2}\n\n_{data.get('machine', '')}; args {data.get('args')}_{notes}"
 
 
 def render_generic(data: dict[str, Any]) -> str:

@@ -9,6 +9,7 @@ from fastapi import Depends, Header
 from sqlalchemy.orm import Session
 
 from app.core.errors import APIError
+from app.core.security import hash_api_key
 from app.core.settings import Settings, get_settings
 from app.db import crud
 from app.db.models import Project
@@ -29,19 +30,33 @@ SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[Store, Depends(get_store)]
 
 
-def get_project(session: SessionDep, authorization: Annotated[str | None, Header()] = None) -> Project:
+async def api_key_hash(authorization: Annotated[str | None, Header()] = None) -> str:
+    """The hash of the bearer key; no I/O, so it runs on the event loop rather than in a thread."""
     if not authorization:
         raise APIError(401, "missing_api_key", "send 'Authorization: Bearer <api key>'")
     scheme, _, key = authorization.partition(" ")
     if scheme.lower() != "bearer" or not key.strip():
         raise APIError(401, "missing_api_key", "send 'Authorization: Bearer <api key>'")
-    project = crud.project_for_key(session=session, key=key.strip())
-    # Hand the connection back to the pool now: a route that opens its own sessions (the long-poll) must
-    # not hold two connections at once, or many concurrent requests can exhaust the pool and wait on it.
-    session.close()
+    return hash_api_key(key.strip())
+
+
+ApiKeyHashDep = Annotated[str, Depends(api_key_hash)]
+
+
+def authenticate(*, session: Session, key_hash: str) -> Project:
+    project = crud.project_for_key_hash(session=session, key_hash=key_hash)
     if project is None:
         raise APIError(401, "invalid_api_key", "unknown or revoked API key")
     return project
+
+
+def get_project(session: SessionDep, key_hash: ApiKeyHashDep) -> Project:
+    try:
+        return authenticate(session=session, key_hash=key_hash)
+    finally:
+        # Hand the connection back to the pool now: a route that opens its own sessions must not hold two
+        # connections at once, or many concurrent requests can exhaust the pool and wait on it.
+        session.close()
 
 
 ProjectDep = Annotated[Project, Depends(get_project)]

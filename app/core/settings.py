@@ -6,7 +6,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -16,10 +16,19 @@ if TYPE_CHECKING:
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="MODELPRESS_", env_file=None, extra="ignore")
 
-    data_dir: Path = Field(Path("var"), description="Root of the embedded default's files.")
+    data_dir: Path = Field(
+        Path("var"),
+        validate_default=True,
+        description="Root of the embedded default's files; a relative path is made absolute once, against the "
+        "working directory of the command that reads the settings (`modelpress serve` hands the absolute path "
+        "to its API and worker processes).",
+    )
     database_url: str = Field("", description="SQLAlchemy URL; default: SQLite under data_dir.")
     broker_url: str = Field("", description="Celery broker URL; default: kombu filesystem transport.")
     store_url: str = Field("", description="file:///path or s3://bucket/prefix; default: data_dir/store.")
+    db_pool_size: int = Field(
+        20, ge=1, description="Database connections each process keeps open; as many again may open under load."
+    )
     s3_endpoint_url: str | None = None
     s3_region: str = "us-east-1"
 
@@ -85,9 +94,14 @@ class Settings(BaseSettings):
             raise ValueError("MODELPRESS_WEBHOOK_CLAIM_LEASE_S must be at least 6 x MODELPRESS_WEBHOOK_TIMEOUT_S")
         return self
 
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute_data_dir(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
     @property
     def resolved_database_url(self) -> str:
-        return self.database_url or f"sqlite:///{(self.data_dir / 'modelpress.db').resolve()}"
+        return self.database_url or f"sqlite:///{self.data_dir / 'modelpress.db'}"
 
     @property
     def resolved_broker_url(self) -> str:
@@ -95,11 +109,11 @@ class Settings(BaseSettings):
 
     @property
     def broker_folder(self) -> Path:
-        return (self.data_dir / "broker").resolve()
+        return self.data_dir / "broker"
 
     @property
     def resolved_store_url(self) -> str:
-        return self.store_url or f"file://{(self.data_dir / 'store').resolve()}"
+        return self.store_url or f"file://{self.data_dir / 'store'}"
 
     @property
     def archive_limits(self) -> ArchiveLimits:

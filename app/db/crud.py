@@ -6,10 +6,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
-from app.core.security import generate_api_key, hash_api_key
+from app.core.security import generate_api_key
 from app.db.models import ApiKey, Artifact, Dataset, Job, Model, Project, utcnow
 
 
@@ -29,9 +29,23 @@ def create_api_key(*, session: Session, project: Project) -> str:
     return key
 
 
-def project_for_key(*, session: Session, key: str) -> Project | None:
-    row = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_api_key(key), ApiKey.revoked_at.is_(None)))
-    return None if row is None else session.get(Project, row.project_id)
+# The statements every request runs are built once: building and hashing one cost as much as running it.
+_VALID_KEY = (ApiKey.key_hash == bindparam("key_hash")) & ApiKey.revoked_at.is_(None)
+_PROJECT_FOR_KEY = select(Project).join(ApiKey, ApiKey.project_id == Project.id).where(_VALID_KEY)
+_JOB_FOR_KEY = (
+    select(Job).join(ApiKey, ApiKey.project_id == Job.project_id).where(Job.id == bindparam("job_id"), _VALID_KEY)
+)
+_JOB_ARTIFACTS = select(Artifact).where(Artifact.job_id == bindparam("job_id")).order_by(Artifact.kind)
+
+
+def project_for_key_hash(*, session: Session, key_hash: str) -> Project | None:
+    """The project of the unrevoked API key with this hash."""
+    return session.scalar(_PROJECT_FOR_KEY, {"key_hash": key_hash})
+
+
+def job_for_key_hash(*, session: Session, key_hash: str, job_id: str) -> Job | None:
+    """The job, if the unrevoked key with this hash belongs to its project: key check and read in one query."""
+    return session.scalar(_JOB_FOR_KEY, {"key_hash": key_hash, "job_id": job_id})
 
 
 def get_owned(*, session: Session, cls: type, project_id: str, ident: str) -> Any:
@@ -80,7 +94,7 @@ def list_jobs(
 
 
 def job_artifacts(*, session: Session, job_id: str) -> Sequence[Artifact]:
-    return session.scalars(select(Artifact).where(Artifact.job_id == job_id).order_by(Artifact.kind)).all()
+    return session.scalars(_JOB_ARTIFACTS, {"job_id": job_id}).all()
 
 
 def mark_dispatched(*, session: Session, job_id: str) -> None:

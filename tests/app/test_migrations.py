@@ -6,21 +6,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 
-from alembic import command
-from app.cli import ROOT
 from app.db.models import Base
+from app.db.schema import alembic_config
 from tests.conftest import create_postgres_database, drop_postgres_database
-
-
-def _config(url: str) -> Config:
-    config = Config(str(ROOT / "alembic.ini"))
-    config.set_main_option("script_location", str(ROOT / "alembic"))
-    config.set_main_option("sqlalchemy.url", url)
-    return config
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -42,7 +34,7 @@ def _tables(url: str) -> set[str]:
 
 
 def test_upgrade_downgrade_upgrade_without_drift(database_url: str) -> None:
-    config = _config(database_url)
+    config = alembic_config(database_url)
     command.upgrade(config, "head")
     assert _tables(database_url) == set(Base.metadata.tables)
     command.downgrade(config, "base")
@@ -54,3 +46,16 @@ def test_upgrade_downgrade_upgrade_without_drift(database_url: str) -> None:
         diff = compare_metadata(context, Base.metadata)
     engine.dispose()
     assert diff == [], f"models and migrations disagree: {diff}"
+
+
+def test_developer_alembic_ini_points_at_the_packaged_migrations() -> None:
+    """`alembic -c alembic.ini ...` in the checkout uses the same scripts the installed package ships."""
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from app.cli import ROOT
+    from app.db.schema import MIGRATIONS
+
+    script = ScriptDirectory.from_config(Config(str(ROOT / "alembic.ini")))
+    assert Path(script.dir).resolve() == MIGRATIONS
+    assert script.get_heads() == ScriptDirectory(str(MIGRATIONS)).get_heads()

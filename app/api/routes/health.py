@@ -7,12 +7,13 @@ from typing import Any
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
+from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, StoreDep
 from app.core.metrics import REGISTRY
 from app.core.queue import broker_reachable
+from app.db.schema import schema_is_current
 
 router = APIRouter(tags=["health"])
 
@@ -35,12 +36,13 @@ async def readyz(session: SessionDep, store: StoreDep) -> Any:
     )
 
 
-def _database_ok(session: Any) -> bool:
+def _database_ok(session: Session) -> bool:
+    """Reachable and migrated to the schema this code ships: an unmigrated database is reachable too,
+    then fails every query with 'no such table'."""
     try:
-        session.execute(text("SELECT 1"))
+        return schema_is_current(session.connection())
     except Exception:
         return False
-    return True
 
 
 @router.get("/metrics", response_class=PlainTextResponse)

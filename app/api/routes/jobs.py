@@ -5,20 +5,20 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, NamedTuple
 
 from fastapi import APIRouter, Header, Query, Response
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import ProjectDep, SessionDep, StoreDep
+from app.api.deps import ApiKeyHashDep, ProjectDep, SessionDep, StoreDep, authenticate
 from app.core import jobflow
 from app.core.errors import APIError, error_responses, not_found
 from app.core.limits import refuse_if_over_worker_memory
 from app.core.report_html import render_report_html
 from app.db import crud
 from app.db.models import JOB_STATUSES, TERMINAL_STATUSES, Artifact, Job
-from app.db.session import session_scope
+from app.db.session import get_sessionmaker
 from app.schemas.api import JobCreate, JobOut, JobPage, PreflightOut
 
 router = APIRouter(tags=["jobs"], responses=error_responses(401, 422))
@@ -93,16 +93,25 @@ def list_jobs(
     return JobPage(items=items, total=total, limit=limit, offset=offset)
 
 
-def _read_job(project_id: str, job_id: str) -> JobOut:
-    with session_scope() as session:
-        job = crud.get_owned(session=session, cls=Job, project_id=project_id, ident=job_id)
+class JobSnapshot(NamedTuple):
+    status: str
+    etag: str
+    body: bytes
+
+
+def _read_job(key_hash: str, job_id: str) -> JobSnapshot:
+    """Key check and job read in one session and one thread hop: status polling is the hottest call."""
+    with get_sessionmaker()() as session:
+        job = crud.job_for_key_hash(session=session, key_hash=key_hash, job_id=job_id)
         if job is None:
+            authenticate(session=session, key_hash=key_hash)  # 401 for a bad key; else the job is not its project's
             raise not_found("job", job_id)
-        return jobflow.job_out(session=session, job=job)
+        body = jobflow.job_out(session=session, job=job).model_dump_json().encode()
+    return JobSnapshot(job.status, etag_of(body), body)
 
 
-def etag_of(job: JobOut) -> str:
-    return '"' + hashlib.sha256(job.model_dump_json().encode()).hexdigest()[:32] + '"'
+def etag_of(body: bytes) -> str:
+    return '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
 
 
 @router.get(
@@ -112,22 +121,22 @@ def etag_of(job: JobOut) -> str:
 )
 async def get_job(
     job_id: str,
-    project: ProjectDep,
+    key_hash: ApiKeyHashDep,
     wait: Annotated[float, Query(ge=0, le=60, description="long-poll: return as soon as the job changes")] = 0,
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Any:
     """With `If-None-Match`, an unchanged job answers 304; with `?wait=S`, the call returns when the job
     differs from that ETag (or from its state at the call) or after S seconds."""
-    job = await run_in_threadpool(_read_job, project.id, job_id)
-    baseline = if_none_match or etag_of(job)
+    job = await run_in_threadpool(_read_job, key_hash, job_id)
+    baseline = if_none_match or job.etag
     deadline = time.monotonic() + wait
-    while etag_of(job) == baseline and time.monotonic() < deadline and job.status not in TERMINAL_STATUSES:
+    while job.etag == baseline and time.monotonic() < deadline and job.status not in TERMINAL_STATUSES:
         await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
-        job = await run_in_threadpool(_read_job, project.id, job_id)
-    etag = etag_of(job)
-    if if_none_match == etag:
-        return Response(status_code=304, headers={"ETag": etag})
-    return JSONResponse(job.model_dump(mode="json"), headers={"ETag": etag, "Cache-Control": "no-cache"})
+        job = await run_in_threadpool(_read_job, key_hash, job_id)
+    if if_none_match == job.etag:
+        return Response(status_code=304, headers={"ETag": job.etag})
+    headers = {"ETag": job.etag, "Cache-Control": "no-cache"}
+    return Response(job.body, media_type="application/json", headers=headers)
 
 
 @router.post("/jobs/{job_id}/cancel", response_model=JobOut, responses=error_responses(404, 409))

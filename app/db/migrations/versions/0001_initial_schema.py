@@ -8,7 +8,6 @@ Create Date: 2026-11-26 23:58:19.896943
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-
 from alembic import op
 
 revision: str = "0001"

@@ -1,6 +1,6 @@
 """webhook deliveries: claim (token, lease) and duration of the last attempt
 
-Revision ID: 0005w
+Revision ID: 0003
 Revises: 0002
 Create Date: 2026-11-28 03:50:00.000000
 """
@@ -8,10 +8,9 @@ Create Date: 2026-11-28 03:50:00.000000
 from collections.abc import Sequence
 
 import sqlalchemy as sa
-
 from alembic import op
 
-revision: str = "0005w"
+revision: str = "0003"
 down_revision: str | None = "0002"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
