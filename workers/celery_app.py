@@ -9,19 +9,21 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 
-from celery.signals import worker_init, worker_ready, worker_shutting_down
+from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutting_down
 
 from app.core.queue import get_celery
 from app.core.settings import get_settings
 from app.db import crud
-from app.db.session import session_scope
+from app.db.session import get_engine, session_scope
 
 celery_app = get_celery()
 celery_app.conf.update(include=["workers.tasks"])
 app = celery_app
 log = logging.getLogger(__name__)
 _stop = threading.Event()
+TEMP_SWEEP_INTERVAL_S = 60.0
 
 
 def _device() -> str:
@@ -34,8 +36,14 @@ def _device() -> str:
 
 
 def _beat(name: str, queues: str) -> None:
+    """The worker's heartbeat row; also sweeps job temp dirs left by killed runs, at start and then every
+    TEMP_SWEEP_INTERVAL_S (a pool child SIGKILLed mid-job is replaced without the worker restarting)."""
     device = _device()
+    last_sweep = -TEMP_SWEEP_INTERVAL_S
     while True:
+        if time.monotonic() - last_sweep >= TEMP_SWEEP_INTERVAL_S:
+            _sweep_temp_dirs()
+            last_sweep = time.monotonic()
         try:
             with session_scope() as session:
                 crud.touch_worker(
@@ -58,11 +66,29 @@ def _export_node_name(sender: object = None, **_: object) -> None:
         os.environ["MODELPRESS_WORKER_NODE"] = name
 
 
+@worker_process_init.connect
+def _fresh_connections_in_child(**_: object) -> None:
+    """A pool child (also one re-forked after a kill) must not share the parent's pooled DB connections."""
+    get_engine().dispose(close=False)
+
+
 @worker_ready.connect
 def _start_heartbeat(sender: object = None, **_: object) -> None:
     name = getattr(sender, "hostname", None) or "worker"
     queues = ",".join(sorted(q.name for q in celery_app.amqp.queues.consume_from.values())) or "gpu,cpu"
     threading.Thread(target=_beat, args=(name, queues), daemon=True, name="worker-heartbeat").start()
+
+
+def _sweep_temp_dirs() -> None:
+    from workers.pipeline import sweep_orphaned_temp_dirs
+
+    try:
+        removed = sweep_orphaned_temp_dirs()
+    except Exception:
+        log.exception("could not sweep orphaned job temp dirs")
+        return
+    if removed:
+        log.info("removed %d job temp dir(s) left by killed workers: %s", len(removed), removed)
 
 
 @worker_shutting_down.connect

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import shutil
 import socket
 import tempfile
@@ -21,10 +22,16 @@ from workers.limits import JobLimits
 from workers.reporter import JobCancelled, JobReporter, LostOwnership
 
 log = logging.getLogger(__name__)
+TEMP_DIR = re.compile(r"modelpress-(?P<job>[0-9a-f]{32})-(?P<pid>\d+)-")
 
 
 def worker_host() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def job_temp_prefix(job_id: str) -> str:
+    """Names the job and the process running it, so a sweep tells one run's dir from another's."""
+    return f"modelpress-{job_id}-{os.getpid()}-"
 
 
 def _show_on_dashboard(worker_name: str | None, job_id: str | None) -> None:
@@ -44,23 +51,70 @@ def execute_job(job_id: str, worker_name: str | None = None) -> None:
         if not crud.claim_job(session=session, job_id=job_id, worker_host=host):
             log.info("job %s already claimed or not queued; message ignored", job_id)
             return
+    run_claimed_job(job_id, host, worker_name)
+
+
+def run_claimed_job(job_id: str, host: str, worker_name: str | None = None) -> None:
+    """Runs a job this process has claimed and ends it: succeeded, cancelled, or failed with a reason."""
     _show_on_dashboard(worker_name, job_id)
     with (
-        tempfile.TemporaryDirectory(prefix=f"modelpress-{job_id}-") as tmp,
+        tempfile.TemporaryDirectory(prefix=job_temp_prefix(job_id)) as tmp,
         JobLimits(job_id, host, work_dir=Path(tmp), worker_name=worker_name),
         JobReporter(job_id, host) as reporter,
     ):
         try:
             output = _run(job_id, Path(tmp), reporter)
             _persist_success(job_id, host, output)
-        except JobCancelled:
-            _finish(job_id, host, "cancelled", stage="cancelled", message="cancelled on request")
         except LostOwnership:
             log.warning("job %s was reaped from this worker; dropping its result", job_id)
         except Exception as exc:  # every failure ends the job with a reason
-            _fail(job_id, host, exc)
+            if _is_cancellation(exc):
+                _finish(job_id, host, "cancelled", stage="cancelled", message="cancelled on request")
+            else:
+                _fail(job_id, host, exc)
         finally:
             _show_on_dashboard(worker_name, None)
+
+
+def _is_cancellation(exc: Exception) -> bool:
+    """The reporter raises JobCancelled; the library, polling the same flag, stops with code `cancelled`."""
+    return isinstance(exc, JobCancelled) or getattr(exc, "code", None) == "cancelled"
+
+
+def sweep_orphaned_temp_dirs(temp_root: Path | None = None) -> list[Path]:
+    """Remove job temp dirs a killed worker left behind (no `finally` runs on SIGKILL).
+
+    A dir is kept only while its job is running in the live process of this host that made it; any
+    other state (finished, requeued, running again in another process or elsewhere) orphans it.
+    """
+    root = temp_root or Path(tempfile.gettempdir())
+    dirs = {path: match for path in root.iterdir() if (match := TEMP_DIR.match(path.name)) and path.is_dir()}
+    removed = []
+    with session_scope() as session:
+        for path, match in dirs.items():
+            job = session.get(Job, match["job"])
+            owner = f"{socket.gethostname()}:{match['pid']}"
+            if job is None or job.status != "running" or job.worker_host != owner or not _alive(int(match["pid"])):
+                shutil.rmtree(path, ignore_errors=True)
+                removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    """A killed process can linger as a zombie until reaped: that is dead too."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no procfs: the signal check is all there is
+    return state not in ("Z", "X")
 
 
 def _run(job_id: str, work_dir: Path, reporter: JobReporter) -> Any:

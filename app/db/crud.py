@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from app.core.security import generate_api_key
+from app.core.settings import get_settings
 from app.db.models import ApiKey, Artifact, Dataset, Job, Model, Project, utcnow
 
 
@@ -153,17 +154,28 @@ def finish_job(*, session: Session, job_id: str, worker_host: str, status: str, 
 
 
 def request_cancel(*, session: Session, job: Job) -> None:
-    """A queued job is cancelled at once; a running one is flagged and its worker stops at the next check."""
+    """A queued job is cancelled at once; a running one is flagged and its worker stops at the next check.
+
+    A running job whose worker already stopped heartbeating has nobody left to see the flag: it ends now.
+    """
     now = utcnow()
-    cancelled = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == "queued")
-        .values(status="cancelled", cancel_requested=True, finished_at=now, stage="cancelled")
-    )
-    if cancelled.rowcount == 1:
-        enqueue_job_event(session=session, job_id=job.id)
+    _cancel_where(session, job.id, Job.status == "queued", message="cancelled on request")
     session.execute(update(Job).where(Job.id == job.id, Job.status == "running").values(cancel_requested=True))
+    stale_before = now - timedelta(seconds=get_settings().stale_after_s)
+    dead_worker = (Job.status == "running", Job.heartbeat_at < stale_before)
+    _cancel_where(session, job.id, *dead_worker, message="cancelled on request; its worker had stopped heartbeating")
     session.refresh(job)
+
+
+def _cancel_where(session: Session, job_id: str, *conditions: Any, message: str) -> bool:
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, *conditions)
+        .values(status="cancelled", cancel_requested=True, finished_at=utcnow(), stage="cancelled", message=message)
+    )
+    if result.rowcount == 1:
+        enqueue_job_event(session=session, job_id=job_id)
+    return result.rowcount == 1
 
 
 def stale_running_jobs(*, session: Session, before: datetime) -> Sequence[Job]:
@@ -176,41 +188,58 @@ def unclaimed_queued_jobs(*, session: Session, before: datetime) -> Sequence[Job
     ).all()
 
 
-def requeue_stale_job(*, session: Session, job: Job, before: datetime) -> bool:
+def reap_lost_job(*, session: Session, job: Job, before: datetime, max_attempts: int) -> str | None:
+    """A running job whose worker stopped heartbeating before `before`: cancelled if that was asked,
+    queued again while attempts are left, else failed `worker_lost`. Returns the new status, or None
+    when the row changed meanwhile (a heartbeat, a cancel request, another janitor)."""
+    values = _lost_job_outcome(job, max_attempts)
     result = session.execute(
         update(Job)
-        .where(Job.id == job.id, Job.status == "running", Job.heartbeat_at < before)
-        .values(
-            status="queued",
-            stage="requeued",
-            worker_host=None,
-            progress=0.0,
-            enqueued_at=None,
-            message=f"worker {job.worker_host} stopped heartbeating; retrying",
+        .where(
+            Job.id == job.id,
+            Job.status == "running",
+            Job.worker_host == job.worker_host,
+            Job.heartbeat_at < before,
+            Job.cancel_requested.is_(job.cancel_requested),
         )
+        .values(**values)
     )
-    if result.rowcount == 1:
-        enqueue_job_event(session=session, job_id=job.id)
-    return result.rowcount == 1
+    if result.rowcount != 1:
+        return None
+    enqueue_job_event(session=session, job_id=job.id)
+    return str(values["status"])
 
 
-def fail_stale_job(*, session: Session, job: Job, before: datetime) -> bool:
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job.id, Job.status == "running", Job.heartbeat_at < before)
-        .values(
-            status="failed",
-            finished_at=utcnow(),
-            error_code="worker_lost",
-            error_message=(
-                f"worker {job.worker_host} stopped heartbeating during stage {job.stage!r}; "
-                f"gave up after {job.attempts} attempt(s)"
-            ),
-        )
-    )
-    if result.rowcount == 1:
-        enqueue_job_event(session=session, job_id=job.id)
-    return result.rowcount == 1
+def _lost_job_outcome(job: Job, max_attempts: int) -> dict[str, Any]:
+    lost = f"worker {job.worker_host} stopped heartbeating"
+    if job.cancel_requested:
+        message = f"cancelled on request; {lost}"
+        return {"status": "cancelled", "stage": "cancelled", "finished_at": utcnow(), "message": message[:500]}
+    if job.attempts < max_attempts:
+        return {
+            "status": "queued",
+            "stage": "requeued",
+            "worker_host": None,
+            "progress": 0.0,
+            "enqueued_at": None,
+            "message": f"{lost}; retrying"[:500],
+        }
+    return {
+        "status": "failed",
+        "finished_at": utcnow(),
+        "error_code": "worker_lost",
+        "error_message": f"{lost} during stage {job.stage!r}; gave up after {job.attempts} attempt(s)",
+        "message": "failed",
+    }
+
+
+def count_stale(*, session: Session, before: datetime) -> dict[str, int]:
+    """Workers and running jobs whose last heartbeat is older than `before`."""
+    from app.db.models import WorkerHeartbeat
+
+    workers = select(func.count()).where(WorkerHeartbeat.last_seen_at < before)
+    jobs = select(func.count()).where(Job.status == "running", Job.heartbeat_at < before)
+    return {"stale_workers": session.scalar(workers) or 0, "stale_running_jobs": session.scalar(jobs) or 0}
 
 
 def count_jobs_by_status(*, session: Session) -> dict[str, int]:
@@ -222,13 +251,7 @@ def finished_job_durations(*, session: Session) -> list[float]:
     rows = session.execute(
         select(Job.started_at, Job.finished_at).where(Job.finished_at.is_not(None), Job.started_at.is_not(None))
     ).all()
-    return [max(0.0, (_aware(end) - _aware(start)).total_seconds()) for start, end in rows]
-
-
-def _aware(moment: datetime) -> datetime:
-    from datetime import UTC
-
-    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return [max(0.0, (end - start).total_seconds()) for start, end in rows]
 
 
 def create_artifact(

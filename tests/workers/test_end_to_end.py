@@ -1,12 +1,15 @@
 """End to end with real components: API (in-process), a real Celery worker process, real PostgreSQL
-and Redis; and the embedded default (SQLite + filesystem broker). Then the chaos cases: SIGKILL the
-worker mid-job, and restart a private Redis empty with jobs queued. Every job must still end
-`succeeded` or `failed` with a reason."""
+and Redis; and the embedded default (SQLite + filesystem broker). Then the chaos cases, on both
+deployments: SIGKILL the worker mid-job, SIGKILL and restart `modelpress serve` mid-job, cancel a
+running job (its worker alive, or killed), and restart a private Redis empty with jobs queued. Every
+job must still end `succeeded`, `cancelled`, or `failed` with a reason."""
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -24,7 +27,7 @@ pytestmark = pytest.mark.services
 def redis_db() -> Iterator[str]:
     import redis
 
-    url = f"{REDIS_URL}/7"
+    url = REDIS_URL if REDIS_URL.rstrip("/").rsplit("/", 1)[-1].isdigit() else f"{REDIS_URL}/7"
     client = redis.Redis.from_url(url)
     client.flushdb()
     yield url
@@ -124,19 +127,48 @@ CHAOS_ENV = {
 }
 
 
+DEPLOYMENTS = ["embedded", "postgres_redis"]
+
+
+@pytest.fixture
+def deployment(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, str]:
+    """service_env arguments for the parametrized deployment; job temp dirs go to a folder of the test's."""
+    temp = tmp_path / "worker-tmp"
+    temp.mkdir()
+    where = {"TMPDIR": str(temp)}
+    if request.param == "embedded":
+        return {"db": "sqlite", "broker": "embedded", **where}
+    return {"db": "postgres", "broker": request.getfixturevalue("redis_db"), **where}
+
+
+def job_temp_dirs(job_id: str) -> list[Path]:
+    return list(Path(os.environ["TMPDIR"]).glob(f"modelpress-{job_id}-*"))
+
+
+def wait_gone(paths: list[Path], timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while any(p.exists() for p in paths) and time.monotonic() < deadline:
+        time.sleep(0.3)
+    assert not any(p.exists() for p in paths), paths
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, indirect=True)
 @pytest.mark.parametrize("max_attempts", ["2", "1"])
 def test_sigkilled_worker_job_is_retried_or_failed_with_reason(  # type: ignore[no-untyped-def]
-    service_env, make_api, redis_db, workers, tmp_path, max_attempts
+    service_env, make_api, deployment, workers, tmp_path, max_attempts
 ) -> None:
-    service_env(db="postgres", broker=redis_db, **CHAOS_ENV, MODELPRESS_MAX_ATTEMPTS=max_attempts)
+    service_env(**deployment, **CHAOS_ENV, MODELPRESS_MAX_ATTEMPTS=max_attempts)
     api = make_api()
     model_id, dataset_id = upload_inputs(api, tmp_path)
     doomed = workers.start("doomed")
     job_id = submit(api, model_id, dataset_id)
     running = wait_for(api, job_id, lambda j: j["status"] == "running", 120, workers)
+    left_behind = job_temp_dirs(job_id)
+    assert len(left_behind) == 1
     workers.kill(doomed)
     workers.start("rescuer")
     job = wait_for(api, job_id, finished, 180, workers)
+    wait_gone(left_behind, 60)  # swept by the rescuer when it started
     if max_attempts == "2":
         assert_succeeded_with_report(api, job)
         assert job["attempts"] == 2 and job["worker_host"] != running["worker_host"]
@@ -209,3 +241,121 @@ def test_redis_restarted_empty_queued_jobs_are_resent(service_env, make_api, pri
     for job_id in job_ids:
         job = wait_for(api, job_id, finished, 240, workers)
         assert job["status"] == "succeeded", job
+
+
+def serve(port: int, log: Path) -> subprocess.Popen[bytes]:
+    """`modelpress serve` (API, janitor, one supervised worker) in its own process group."""
+    import httpx
+
+    from app.cli import ROOT
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", "1"],
+        cwd=ROOT,
+        env=os.environ.copy(),
+        stdout=open(log, "ab"),  # noqa: SIM115 - inherited by the child, closed with it
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    for _ in range(600):
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                return process
+        except httpx.TransportError:
+            time.sleep(0.1)
+    raise AssertionError(f"serve did not start:\n{log.read_text()[-3000:]}")
+
+
+def kill_group(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, indirect=True)
+def test_job_running_when_serve_is_killed_and_restarted_is_recovered(  # type: ignore[no-untyped-def]
+    service_env, deployment, workers, tmp_path
+) -> None:
+    import httpx
+
+    service_env(**deployment, **CHAOS_ENV, MODELPRESS_MAX_ATTEMPTS="2")
+    port, log = 19000 + os.getpid() % 1000, tmp_path / "serve.log"
+    servers = [serve(port, log)]
+    try:
+        api = ApiClient(httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30))
+        model_id, dataset_id = upload_inputs(api, tmp_path)
+        job_id = submit(api, model_id, dataset_id)
+        first = wait_for(api, job_id, lambda j: j["status"] == "running", 120, workers)
+        kill_group(servers[0])  # API, janitor and worker all die with the job running
+        servers.append(serve(port, log))
+        job = wait_for(api, job_id, finished, 180, workers)
+    finally:
+        for process in servers:
+            kill_group(process)
+    assert job["status"] == "succeeded", (job, log.read_text()[-3000:])
+    assert job["attempts"] == 2 and job["worker_host"] != first["worker_host"]
+
+
+def webhook_events(api: ApiClient, hook_id: str) -> list[str]:
+    return [d["event"] for d in api.get(f"/v1/webhooks/{hook_id}/deliveries").json()]
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, indirect=True)
+def test_cancel_running_job_ends_cancelled_with_webhook(  # type: ignore[no-untyped-def]
+    service_env, make_api, deployment, workers, tmp_path
+) -> None:
+    service_env(**deployment, MODELPRESS_FAULT_STAGE_DELAY_S="2", MODELPRESS_HEARTBEAT_INTERVAL_S="0.5")
+    api = make_api()
+    hook = api.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"}).json()
+    model_id, dataset_id = upload_inputs(api, tmp_path)
+    workers.start("main")
+    job_id = submit(api, model_id, dataset_id)
+    wait_for(api, job_id, lambda j: j["status"] == "running", 120, workers)
+    assert api.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    job = wait_for(api, job_id, finished, 120, workers)
+    assert (job["status"], job["stage"], job["error"]) == ("cancelled", "cancelled", None), job
+    events = webhook_events(api, hook["id"])
+    assert "job.cancelled" in events and "job.failed" not in events, events
+    summary = api.get("/v1/dashboard/summary").json()
+    assert summary["counts"] == {"cancelled": 1} and summary["failures"] == []
+    metrics = api.client.get("/metrics").text  # type: ignore[attr-defined]
+    assert 'modelpress_jobs{status="cancelled"} 1.0' in metrics
+    assert 'modelpress_jobs{status="failed"} 0.0' in metrics
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, indirect=True)
+def test_cancel_running_job_whose_worker_was_killed_ends_cancelled(  # type: ignore[no-untyped-def]
+    service_env, make_api, deployment, workers, tmp_path
+) -> None:
+    service_env(**deployment, **CHAOS_ENV)
+    api = make_api()
+    model_id, dataset_id = upload_inputs(api, tmp_path)
+    doomed = workers.start("doomed")
+    job_id = submit(api, model_id, dataset_id)
+    wait_for(api, job_id, lambda j: j["status"] == "running", 120, workers)
+    workers.kill(doomed)
+    assert api.post(f"/v1/jobs/{job_id}/cancel").status_code == 200
+    job = wait_for(api, job_id, finished, 60, workers)
+    assert (job["status"], job["error"]) == ("cancelled", None), job
+    assert "stopped heartbeating" in (job["message"] or ""), job
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, indirect=True)
+def test_cancel_seen_by_the_library_ends_cancelled_not_failed(  # type: ignore[no-untyped-def]
+    service_env, make_api, deployment, tmp_path
+) -> None:
+    """The library polls the cancel flag itself and stops with code `cancelled`: the job ends `cancelled`."""
+    from app.db import crud
+    from app.db.session import session_scope
+    from workers.pipeline import run_claimed_job, worker_host
+
+    service_env(**deployment)
+    api = make_api()
+    model_id, dataset_id = upload_inputs(api, tmp_path)
+    job_id = submit(api, model_id, dataset_id)
+    with session_scope() as session:
+        assert crud.claim_job(session=session, job_id=job_id, worker_host=worker_host())
+    assert api.post(f"/v1/jobs/{job_id}/cancel").json()["status"] == "running"
+    run_claimed_job(job_id, worker_host())
+    job = api.get(f"/v1/jobs/{job_id}").json()
+    assert (job["status"], job["stage"], job["error"]) == ("cancelled", "cancelled", None), job

@@ -53,7 +53,7 @@ def dashboard_summary(project: ProjectDep, session: SessionDep) -> dict[str, Any
 
 
 def _seconds(start: Any, end: Any) -> float:
-    return round((crud._aware(end) - crud._aware(start)).total_seconds(), 2)
+    return round((end - start).total_seconds(), 2)
 
 
 def _workers(session: Session, project_id: str, now: Any) -> list[dict[str, Any]]:

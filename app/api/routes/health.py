@@ -11,8 +11,10 @@ from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
 from app.api.deps import SessionDep, StoreDep
+from app.core.janitor import janitor_health, stale_before
 from app.core.metrics import REGISTRY
 from app.core.queue import broker_reachable
+from app.db import crud
 from app.db.schema import schema_is_current
 
 router = APIRouter(tags=["health"])
@@ -31,9 +33,18 @@ async def readyz(session: SessionDep, store: StoreDep) -> Any:
         "store": await run_in_threadpool(store.healthy),
     }
     ready = all(checks.values())
-    return JSONResponse(
-        {"status": "ready" if ready else "not_ready", "checks": checks}, status_code=200 if ready else 503
-    )
+    body = {"status": "ready" if ready else "not_ready", "checks": checks}
+    # reported, not gating: a failing janitor step or a dead worker does not stop this replica serving
+    body["janitor"] = janitor_health()
+    body["heartbeats"] = await run_in_threadpool(_staleness, session)
+    return JSONResponse(body, status_code=200 if ready else 503)
+
+
+def _staleness(session: Any) -> dict[str, int] | None:
+    try:
+        return crud.count_stale(session=session, before=stale_before())
+    except Exception:
+        return None
 
 
 def _database_ok(session: Session) -> bool:
