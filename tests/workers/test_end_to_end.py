@@ -304,7 +304,12 @@ def webhook_events(api: ApiClient, hook_id: str) -> list[str]:
 def test_cancel_running_job_ends_cancelled_with_webhook(  # type: ignore[no-untyped-def]
     service_env, make_api, deployment, workers, tmp_path
 ) -> None:
-    service_env(**deployment, MODELPRESS_FAULT_STAGE_DELAY_S="2", MODELPRESS_HEARTBEAT_INTERVAL_S="0.5")
+    service_env(
+        **deployment,
+        MODELPRESS_FAULT_STAGE_DELAY_S="2",
+        MODELPRESS_HEARTBEAT_INTERVAL_S="0.5",
+        MODELPRESS_WEBHOOK_ALLOW_PRIVATE_TARGETS="true",  # the hook points at a local port
+    )
     api = make_api()
     hook = api.post("/v1/webhooks", json={"url": "http://127.0.0.1:9/hook"}).json()
     model_id, dataset_id = upload_inputs(api, tmp_path)
