@@ -215,8 +215,9 @@ class DataFreeConfig(MethodConfigBase):
     )
     bias_correction: bool | None = Field(
         None,
-        description="Absorb each pruned channel's expected residual (BN statistics, Gaussian ReLU mean) "
-        "into the consumer bias. Not in the paper. Unset: on for udfc, off for none/one_to_one.",
+        description="Absorb each pruned channel's expected residual (BN statistics, Gaussian ReLU mean; with "
+        "BN folded into the layer, as in exported ONNX, a data-free prior) into the consumer bias. Not in the "
+        "paper. Unset: on for udfc, off for none/one_to_one.",
     )
     layer_ratios: dict[LayerName, float] = Field(
         default_factory=dict,

@@ -15,12 +15,16 @@ Baselines in the same code: `compensation="none"` (plain pruning, plain RTN) and
 (Neuron-Merging style). Not in the paper, both off/on by config: `nonnegative` (ŝ >= 0 by NNLS, which the
 paper's ReLU bound, Eq. 11, needs) and `bias_correction` (absorb E[a_j − Σ ŝ_i a_i], from the BN statistics,
 into the consumer bias; on by default for udfc because the printed form alone can be worse than plain
-pruning: see the toy check in the reference note and benchmarks/data_free.py).
+pruning: see the toy check in the reference note and benchmarks/data_free.py). A layer whose BatchNorm was
+folded into it (exported ONNX graphs) has no statistics left: its bias correction uses a data-free prior
+(`folded_preactivation_prior`), and the result says so; given calibration data, the method checks the
+compensated model against plain pruning on it and ships the better one.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -30,9 +34,11 @@ from scipy.optimize import nnls
 from torch import nn
 
 from compression.configs import DataFreeConfig
+from compression.evaluate.fidelity import energy_sums, paired_outputs
 from compression.primitives.bn_fold import (
     bn_gain_shift,
     bn_output_moments,
+    folded_preactivation_prior,
     gaussian_relu_mean,
     identity_gain_shift,
 )
@@ -51,6 +57,7 @@ from compression.primitives.quant import dequantize, round_to_nearest
 from compression.types import Batches, CompressionResult, ProgressFn, QuantizedLayer, no_progress
 
 METHOD = "data_free"
+_CHECK_BATCHES = 4  # calibration batches the compensated result is checked on against plain pruning
 
 
 # ---- closed forms (tensor level) --------------------------------------------------------------------
@@ -172,12 +179,16 @@ def merge_pruned_into_consumer(
     return slices.reshape(weight.shape).to(weight.dtype)
 
 
-def expected_activation(activation: str, bn: nn.Module | None) -> torch.Tensor | None:
-    """E[a] per channel from BN statistics (BN output ~ N(β, γ²)), or None without a data-free model."""
-    if bn is None or activation not in ("relu", "identity"):
+def expected_activation(activation: str, bn: nn.Module | None, weight: torch.Tensor) -> torch.Tensor | None:
+    """E[a] per channel: from BN statistics (BN output ~ N(β, γ²)) or, with no BN after the layer (folded
+    into `weight`, as in an exported ONNX graph), from `folded_preactivation_prior`. A ReLU mean only:
+    None for other activations, and for identity without BN (the prior's mean, 0, corrects nothing)."""
+    if activation == "identity" and bn is not None:
+        return bn_output_moments(bn)[0]
+    if activation != "relu":
         return None
-    mean, std = bn_output_moments(bn)
-    return gaussian_relu_mean(mean, std) if activation == "relu" else mean
+    mean, std = bn_output_moments(bn) if bn is not None else folded_preactivation_prior(weight)
+    return gaussian_relu_mean(mean, std)
 
 
 def absorb_residual_mean(
@@ -219,6 +230,7 @@ class _Run:
     compensated: dict[str, dict[str, float]] = field(default_factory=dict)
     uncompensated: dict[str, str] = field(default_factory=dict)
     bias_corrected: list[str] = field(default_factory=list)
+    prior_corrected: list[str] = field(default_factory=list)  # bias-corrected from the folded-BN prior
 
     @property
     def bias_correction(self) -> bool:
@@ -231,8 +243,23 @@ class _Run:
 def compress(
     model: nn.Module, calib: Batches | None, config: DataFreeConfig, *, progress: ProgressFn | None = None
 ) -> CompressionResult:
-    """UDFC data-free pruning + quantization. `calib` is ignored: the method reads no data."""
+    """UDFC data-free pruning + quantization. The compression reads no data; `calib`, when given, only
+    checks the compensated result against plain pruning on a few batches and ships the better one."""
     progress = progress or no_progress
+    result = _compress_once(model, config, progress)
+    if calib is not None and len(calib) and result.stats["channels_pruned"] and config.compensation != "none":
+        result = _check_against_plain(model, calib, config, result)
+    elif result.stats["bias_correction_prior"]:
+        result.notes.append(
+            "Not checked against plain pruning (no data was given): the bias correction of the BN-folded "
+            "layers rests on a prior, not on BN statistics; on a model far from it, the result can be worse "
+            "than plain pruning. Give calibration data to have the method compare both and ship the better."
+        )
+    progress(1.0, "data_free: done")
+    return result
+
+
+def _compress_once(model: nn.Module, config: DataFreeConfig, progress: ProgressFn) -> CompressionResult:
     started = time.perf_counter()
     work = copy.deepcopy(model).eval()
     params_before = _count_params(work)
@@ -243,8 +270,38 @@ def compress(
             progress(index / max(len(graph.layers), 1), f"data_free: {name}")
             _process_layer(run, name)
     _finish(run, params_before, time.perf_counter() - started)
-    progress(1.0, "data_free: done")
     return run.result
+
+
+def _check_against_plain(
+    model: nn.Module, calib: Batches, config: DataFreeConfig, compensated: CompressionResult
+) -> CompressionResult:
+    """Plain pruning (same channels criterion, no compensation) and the compensated result, each measured by
+    its relative output error against `model` on the first batches of `calib`; the lower one is shipped."""
+    plain = _compress_once(
+        model, config.model_copy(update={"compensation": "none", "bias_correction": None}), no_progress
+    )
+    batches = Batches(calib.inputs[:_CHECK_BATCHES])
+    errors = {
+        "compensated": _output_error(model, compensated.model, batches),
+        "plain": _output_error(model, plain.model, batches),
+    }
+    chosen, shipped = (plain, "plain") if errors["plain"] < errors["compensated"] else (compensated, "compensated")
+    chosen.stats["check_against_plain"] = {"relative_output_error": errors, "shipped": shipped, "batches": len(batches)}
+    chosen.notes.append(
+        f"Checked against plain pruning on {len(batches)} calibration batches (relative output error vs the "
+        f"original: compensated {errors['compensated']:.4f}, plain {errors['plain']:.4f}): shipped "
+        + ("the compensated result." if shipped == "compensated" else "PLAIN PRUNING, the compensation made it worse.")
+    )
+    return chosen
+
+
+def _output_error(original: nn.Module, compressed: nn.Module, batches: Batches) -> float:
+    signal = noise = 0.0
+    for reference, output, _, _ in paired_outputs(original, compressed, batches):
+        batch_signal, batch_noise = energy_sums(reference, output)
+        signal, noise = signal + batch_signal, noise + batch_noise
+    return math.sqrt(noise / max(signal, 1e-300))
 
 
 def _process_layer(run: _Run, name: str) -> None:
@@ -303,7 +360,7 @@ def _prune_pair(run: _Run, pair: ChannelPair, ratio: float) -> None:
         return
     scales = _pruning_scales(run, pair, producer, pruned, kept)
     bn = run.model.get_submodule(pair.bn) if pair.bn is not None else None
-    expected = expected_activation(pair.activation, bn) if run.bias_correction else None
+    expected = expected_activation(pair.activation, bn, producer.weight) if run.bias_correction else None
     for consumer in pair.consumers:
         layer = run.model.get_submodule(consumer.name)
         if expected is not None and consumer.mean_preserving:
@@ -315,6 +372,8 @@ def _prune_pair(run: _Run, pair: ChannelPair, ratio: float) -> None:
         keep_bn_channels(bn, kept)
     if expected is not None:
         run.bias_corrected.append(pair.producer)
+        if bn is None:
+            run.prior_corrected.append(pair.producer)
     run.pruned[pair.producer] = (len(pruned), len(pruned) + len(kept))
 
 
@@ -374,6 +433,7 @@ def _finish(run: _Run, params_before: int, seconds: float) -> None:
             "quant_scale_compensation": run.compensated,
             "quantized_without_compensation": run.uncompensated,
             "bias_corrected": run.bias_corrected,
+            "bias_correction_prior": run.prior_corrected,
             "params_before": params_before,
             "params_after": params_after,
             "param_reduction": 1.0 - params_after / max(params_before, 1),
@@ -422,9 +482,16 @@ def _pruning_note(run: _Run) -> str:
     }[config.compensation]
     if run.bias_corrected:
         variant += (
-            f"; plus, in {len(run.bias_corrected)} layers, the residual mean E[a_j − Σ ŝ_i a_i] from BN "
-            "statistics (Gaussian ReLU mean) absorbed into the consumer bias (not in the paper)"
+            f"; plus, in {len(run.bias_corrected)} layers, the residual mean E[a_j − Σ ŝ_i a_i] (Gaussian ReLU "
+            "mean) absorbed into the consumer bias (not in the paper)"
         )
+        with_bn = len(run.bias_corrected) - len(run.prior_corrected)
+        variant += f", from BN statistics in {with_bn}" if with_bn else ""
+        if run.prior_corrected:
+            variant += (
+                f", and in {len(run.prior_corrected)} with no BatchNorm after the layer (folded into it, as in an "
+                "exported ONNX graph) from a data-free prior: pre-activation ~ N(0, ‖ŵ_i‖²) per channel"
+            )
     total = sum(p for p, _ in run.pruned.values())
     return (
         f"Pruned {total} output channels in {len(run.pruned)} producer layers by the {config.criterion}-norm "

@@ -50,6 +50,22 @@ def bn_output_moments(bn: nn.BatchNorm1d | nn.BatchNorm2d) -> tuple[torch.Tensor
     return beta, gamma.abs()
 
 
+def folded_preactivation_prior(folded_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Data-free (mean, std) per output channel of a layer whose BatchNorm was folded into it.
+
+    The folded layer no longer says what its BN held (β_i, |γ_i|). The prior keeps BN's centring (β = 0,
+    its initialization) and takes the spread from the folded filter's gain on a unit-variance input,
+    ‖ŵ_i‖, scaled down where needed so that the layer's mean spread stays at most BN's γ = 1: of two
+    guesses the smaller, because an over-estimated ReLU mean over-corrects the consumer bias, which
+    costs far more than leaving part of the residual (benchmarks/data_free.py, BN-folded rows). The
+    folded bias is not used as the mean: it omits ŵ_i·E[x], far from 0 behind a ReLU. Float64.
+    """
+    norms = folded_weight.detach().double().flatten(1).norm(dim=1)
+    mean_norm = float(norms.mean())
+    std = norms / mean_norm if mean_norm > 1.0 else norms
+    return torch.zeros_like(std), std
+
+
 def gaussian_relu_mean(mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
     """E[ReLU(h)] for h ~ N(mean, std²), elementwise; std 0 gives ReLU(mean)."""
     safe_std = std.clamp_min(1e-12)

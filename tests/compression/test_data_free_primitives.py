@@ -14,7 +14,7 @@ from compression.methods.data_free import (
     udfc_pruning_scales,
     udfc_quant_scales,
 )
-from compression.primitives.bn_fold import bn_gain_shift, fold_bn, gaussian_relu_mean
+from compression.primitives.bn_fold import bn_gain_shift, fold_bn, folded_preactivation_prior, gaussian_relu_mean
 from compression.primitives.channel_graph import find_channel_graph
 from compression.zoo.fmnist_resnet import build_fmnist_resnet
 
@@ -44,6 +44,16 @@ def test_gaussian_relu_mean_matches_monte_carlo() -> None:
     mean, std = torch.tensor([-1.0, 0.0, 0.7, 2.0, 0.3]), torch.tensor([0.5, 1.0, 2.0, 0.1, 0.0])
     samples = mean + std * torch.randn(400_000, 5, generator=torch.Generator().manual_seed(0))
     assert torch.allclose(gaussian_relu_mean(mean.double(), std.double()).float(), samples.relu().mean(0), atol=0.01)
+
+
+def test_folded_prior_is_centred_and_its_layer_mean_spread_capped_at_one() -> None:
+    weight = torch.randn(6, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    weight = weight / weight.flatten(1).norm(dim=1).mean()  # mean filter norm exactly 1
+    for scale, mean_std in ((0.25, 0.25), (1.0, 1.0), (4.0, 1.0)):
+        mean, std = folded_preactivation_prior(scale * weight)
+        assert torch.equal(mean, torch.zeros(6, dtype=torch.float64))
+        assert float(std.mean()) == pytest.approx(mean_std)
+        assert torch.allclose(std / std.mean(), weight.double().flatten(1).norm(dim=1))  # channels keep their ratios
 
 
 def _paper_form_lstsq(weight, bn, pruned_j, kept, alpha1):

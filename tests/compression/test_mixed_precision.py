@@ -13,12 +13,8 @@ from torch import nn
 
 from compression.configs import GPTQConfig, MixedPrecisionConfig, RTNConfig
 from compression.methods import quant_gptq, quant_rtn
-from compression.methods.mixed_precision import (
-    apply_allocation,
-    compress,
-    pick_cheapest_passing,
-    residual_add_ties,
-)
+from compression.methods.mixed_precision import apply_allocation, compress, pick_cheapest_passing
+from compression.methods.mixed_precision_analysis import residual_add_ties
 from compression.primitives.layers import get_weight_matrix
 from compression.primitives.sensitivity import (
     OutputRunner,
