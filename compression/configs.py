@@ -18,8 +18,17 @@ MAX_LAYER_ENTRIES = 4096
 LayerName = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 
 
+def _schema_defaults(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """JSON schemas leave out defaults made by a factory (lists, dicts, nested models): fill them in,
+    so every key of a method's schema states its default."""
+    defaults = cls().model_dump(mode="json")
+    for name, prop in schema.get("properties", {}).items():
+        if "default" not in prop and name in defaults:
+            prop["default"] = defaults[name]
+
+
 class _Inert(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_schema_defaults)
 
 
 class MethodConfigBase(_Inert):
@@ -49,7 +58,7 @@ class QuantizerFields(MethodConfigBase):
 
     bits: Bits = 4
     group_size: int | None = Field(
-        128, description="Input columns per (S, Z) group; null for one group per output channel."
+        128, description="Input columns per (S, Z) group, a power of two >= 16; null for one group per output channel."
     )
     symmetric: bool = Field(False, description="Z = 0 when true; a free float Z per group when false.")
     quantize_embeddings: Literal[None, 4, 8] = Field(
