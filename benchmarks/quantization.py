@@ -140,7 +140,8 @@ def run_method(model: nn.Module, calib: Batches, config: QuantizerFields) -> tup
 
 
 class Exporter:
-    """The service's export and timing path (compression/job.py `_export`, `_baseline_onnx`, `_latency_pair`).
+    """The service's export and timing path (compression/pipeline/export.py: `export_stage`, `_baseline_onnx`,
+    `_latency_pair`).
 
     Size = the ONNX file (MatMulNBits / packed initializers) and the packed safetensors artifact.
     Latency = ORT median at the smallest batch, compressed / fp32 (below 1 = faster).

@@ -12,19 +12,31 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator, model_validator
 
 Bits = Literal[2, 3, 4, 8]
+DATA_KINDS: tuple[str, ...] = ("npz", "text")  # dataset kinds an upload can be (app.core.inspect)
 # Lists of layer names are bounded: a config is stored with its job and returned on every listing.
 MAX_LAYER_ENTRIES = 4096
 LayerName = Annotated[str, StringConstraints(min_length=1, max_length=512)]
 
 
+def _schema_defaults(schema: dict[str, Any], cls: type[BaseModel]) -> None:
+    """JSON schemas leave out defaults made by a factory (lists, dicts, nested models): fill them in,
+    so every key of a method's schema states its default."""
+    defaults = cls().model_dump(mode="json")
+    for name, prop in schema.get("properties", {}).items():
+        if "default" not in prop and name in defaults:
+            prop["default"] = defaults[name]
+
+
 class _Inert(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", json_schema_extra=_schema_defaults)
 
 
 class MethodConfigBase(_Inert):
     """Fields every method shares."""
 
     needs_calibration: ClassVar[bool] = True
+    uses_calibration: ClassVar[bool] = True  # False: calibration data is never read (evaluation only measures)
+    data_kinds: ClassVar[tuple[str, ...]] = DATA_KINDS
     summary: ClassVar[str] = ""
 
     seed: int = Field(0, ge=0, description="Seed for every random choice; same seed, same result.")
@@ -34,13 +46,19 @@ class MethodConfigBase(_Inert):
         description="Module names (or fnmatch patterns) left untouched, e.g. from a previous report's suggestions.",
     )
 
+    @classmethod
+    def data_needs(cls) -> dict[str, Any]:
+        """{calibration: required | optional | none, kinds: dataset kinds the method reads}."""
+        use = "required" if cls.needs_calibration else "optional" if cls.uses_calibration else "none"
+        return {"calibration": use, "kinds": list(cls.data_kinds)}
+
 
 class QuantizerFields(MethodConfigBase):
     """Weight-only quantization: W ≈ W_int·S + Z per output row and group."""
 
     bits: Bits = 4
     group_size: int | None = Field(
-        128, description="Input columns per (S, Z) group; null for one group per output channel."
+        128, description="Input columns per (S, Z) group, a power of two >= 16; null for one group per output channel."
     )
     symmetric: bool = Field(False, description="Z = 0 when true; a free float Z per group when false.")
     quantize_embeddings: Literal[None, 4, 8] = Field(
@@ -116,6 +134,7 @@ class PruneStructuredConfig(MethodConfigBase):
 
 class PruneUnstructuredConfig(MethodConfigBase):
     needs_calibration: ClassVar[bool] = False
+    uses_calibration: ClassVar[bool] = False
     summary: ClassVar[str] = "Magnitude or N:M semi-structured sparsity (smaller on disk; no CPU speedup)."
     method: Literal["prune_unstructured"] = "prune_unstructured"
     sparsity: float = Field(0.5, gt=0, lt=1)
@@ -195,6 +214,7 @@ class MixedPrecisionConfig(MethodConfigBase):
 
 class DataFreeConfig(MethodConfigBase):
     needs_calibration: ClassVar[bool] = False
+    uses_calibration: ClassVar[bool] = False
     summary: ClassVar[str] = "UDFC: data-free pruning and quantization with closed-form compensation in the next layer."
     method: Literal["data_free"] = "data_free"
     prune_ratio: float = Field(0.3, ge=0, lt=1)

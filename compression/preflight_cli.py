@@ -11,7 +11,8 @@ import sys
 from pathlib import Path
 from tempfile import TemporaryDirectory
 
-from compression.job import json_safe, preflight
+from compression.pipeline.context import json_safe
+from compression.pipeline.preflight import preflight
 
 
 def main() -> int:

@@ -162,6 +162,15 @@ class Client:
         return target
 
 
+def fetch_methods(url: str) -> list[dict[str, Any]]:
+    """The server's `GET /v1/methods` (public: no API key needed)."""
+    try:
+        response = httpx.get(checked_url(url).rstrip("/") + "/v1/methods", timeout=30.0)
+    except httpx.TransportError as exc:
+        raise ServerUnreachable(f"{url} unreachable: {exc}") from exc
+    return _checked(response).json()
+
+
 def checked_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:

@@ -30,8 +30,10 @@ from app.client.api import (
     Client,
     ClientError,
     WaitTimeout,
+    fetch_methods,
     file_sha256,
 )
+from compression.method_docs import method_catalog, render_text
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -54,6 +56,11 @@ def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-
     wait.add_argument("job_id")
     _add_wait_options(wait)
     wait.set_defaults(func=cmd_wait)
+    methods = sub.add_parser("methods", help="each method: the data it needs, its config keys, an example")
+    methods.add_argument("name", nargs="?", help="one method (default: all)")
+    methods.add_argument("--url", default=None, help="ask this server (GET /v1/methods); default: this installation")
+    methods.add_argument("--json", action="store_true", help="the catalog as JSON, config schemas included")
+    methods.set_defaults(func=cmd_methods)
 
 
 def _add_wait_options(parser: argparse.ArgumentParser) -> None:
@@ -116,6 +123,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def cmd_wait(args: argparse.Namespace) -> int:
     return _guarded(lambda a: _attach(Client(a.url, a.api_key), a.job_id, a), args)
+
+
+def cmd_methods(args: argparse.Namespace) -> int:
+    return _guarded(_methods, args)
+
+
+def _methods(args: argparse.Namespace) -> int:
+    catalog = fetch_methods(args.url) if args.url else method_catalog()
+    chosen = [entry for entry in catalog if args.name in (None, entry["key"])]
+    if not chosen:
+        valid = ", ".join(entry["key"] for entry in catalog)
+        raise ClientError(f"unknown_method: unknown method {args.name!r}\n  valid: {valid}")
+    print(json.dumps(chosen, indent=2) if args.json else "\n\n".join(render_text(entry) for entry in chosen))
+    return EXIT_PASS
 
 
 def _guarded(command: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:

@@ -19,6 +19,7 @@ from app.db import crud
 from app.db.models import Dataset, Job, Model, Project
 from app.schemas.api import ArtifactOut, JobCreate, JobError, JobOut, PreflightOut
 from compression.configs import CONFIG_CLASSES, MethodConfigBase, parse_config
+from compression.method_docs import valid_keys
 
 log = logging.getLogger(__name__)
 
@@ -32,10 +33,20 @@ def validate_config(method: str, config: dict[str, Any]) -> MethodConfigBase:
     try:
         return parse_config(method, config)
     except ValidationError as exc:
-        details = validation_details(list(exc.errors()))
-        for item in details:
-            item["path"] = "config." + ".".join(p for p in item["path"].split(".") if p != method)
+        details = _config_error_details(method, exc)
         raise APIError(422, "invalid_config", f"config for {method} failed validation", details) from exc
+
+
+def _config_error_details(method: str, exc: ValidationError) -> list[dict[str, Any]]:
+    """One item per error with its `config.` path; an unknown key also lists the valid keys there."""
+    details = validation_details(list(exc.errors()))
+    for item in details:
+        parts = [p for p in item["path"].split(".") if p != method]
+        item["path"] = "config." + ".".join(parts)
+        if item["type"] == "extra_forbidden":
+            item["valid"] = valid_keys(CONFIG_CLASSES[method], parts[:-1])
+            item["message"] += f"; valid keys: {', '.join(item['valid'])}"
+    return details
 
 
 def resolve_inputs(

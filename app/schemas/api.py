@@ -139,8 +139,17 @@ class ConfigCheckOut(BaseModel):
     needs_calibration: bool
 
 
+class DataNeedsOut(BaseModel):
+    calibration: Literal["required", "optional", "none"] = Field(
+        description="required: the job needs calibration data (or uses the evaluation set); optional: used when "
+        "given; none: never read"
+    )
+    kinds: list[str] = Field(description="dataset kinds the method reads (npz, text)")
+
+
 class MethodOut(BaseModel):
     key: str
     summary: str
     needs_calibration: bool
+    data: DataNeedsOut
     config_schema: dict[str, Any]

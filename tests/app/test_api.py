@@ -197,6 +197,19 @@ def test_methods_list_schemas(api) -> None:  # type: ignore[no-untyped-def]
     } <= set(methods)
     assert methods["quant_rtn"]["needs_calibration"] is False and methods["quant_gptq"]["needs_calibration"] is True
     assert methods["quant_decoupleq"]["config_schema"]["properties"]["bits"]["enum"] == [2, 3, 4]
+    assert methods["quant_rtn"]["data"] == {"calibration": "optional", "kinds": ["npz", "text"]}
+    assert methods["data_free"]["data"]["calibration"] == "none"
+    assert methods["mixed_precision"]["config_schema"]["properties"]["candidates"]["default"] == [2, 3, 4, 8]
+
+
+def test_unknown_config_key_lists_the_valid_keys(api) -> None:  # type: ignore[no-untyped-def]
+    response = api.post("/v1/methods/prune_structured/validate", json={"config": {"flops_target": 0.5}})
+    detail = response.json()["error"]["details"][0]
+    assert response.status_code == 422 and detail["path"] == "config.flops_target"
+    assert "target" in detail["valid"] and "importance" in detail["valid"] and "method" not in detail["valid"]
+    assert "valid keys: " in detail["message"]
+    nested = api.post("/v1/methods/prune_structured/validate", json={"config": {"target": {"metrc": "flops"}}})
+    assert nested.json()["error"]["details"][0]["valid"] == ["metric", "reduction"]
 
 
 def test_health_readiness_metrics_and_docs(api, onnx_model) -> None:  # type: ignore[no-untyped-def]

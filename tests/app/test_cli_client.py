@@ -154,6 +154,17 @@ def test_missing_config_file_and_url_without_scheme_are_usage_errors(ci) -> None
     assert "did you mean http://localhost:8000" in no_scheme.stderr and "unreachable" not in no_scheme.stderr
 
 
+def test_methods_from_a_server_match_the_local_catalog(live_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    env, *_ = start_ci(live_server, tmp_path, workers=0)
+    remote = run_cli("methods", "mixed_precision", "--url", env["MODELPRESS_URL"], "--json", env=env)
+    local = run_cli("methods", "mixed_precision", "--json", env=env)
+    assert remote.returncode == 0 and local.returncode == 0, remote.stderr
+    assert json.loads(remote.stdout) == json.loads(local.stdout)
+    assert json.loads(remote.stdout)[0]["data"]["calibration"] == "required"
+    unreachable = run_cli("methods", "--url", "http://127.0.0.1:9", env=env)
+    assert unreachable.returncode == 4 and "unreachable" in unreachable.stderr
+
+
 def test_rerun_after_a_cancelled_job_runs_again_and_new_forces_a_job(live_server, tmp_path) -> None:  # type: ignore[no-untyped-def]
     env, model, _, _, api = start_ci(live_server, tmp_path, workers=0)  # no worker: jobs stay queued
     args = ["compress", str(model), "--method", "quant_rtn"]

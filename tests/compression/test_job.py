@@ -12,7 +12,9 @@ import torch
 
 from compression.configs import RTNConfig
 from compression.io.model import LoadedModel
-from compression.job import JobError, JobSpec, latency_batches, preflight, rows_per_forward, run_job
+from compression.job import JobError, JobSpec, run_job
+from compression.pipeline.data import latency_batches, rows_per_forward
+from compression.pipeline.preflight import preflight
 from compression.zoo.fmnist_resnet import export_fmnist_onnx, fashion_mnist_available, load_fashion_mnist
 
 warnings.filterwarnings("ignore")

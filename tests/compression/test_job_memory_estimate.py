@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from compression.job import JobError, JobSpec, preflight, run_job
+from compression.job import JobError, JobSpec, run_job
+from compression.pipeline.preflight import preflight
 from tests.helpers import files
 
 

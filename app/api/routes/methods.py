@@ -1,4 +1,4 @@
-"""GET /v1/methods: every method with its JSON schema and whether it needs calibration data;
+"""GET /v1/methods: every method with its JSON schema and the data it needs;
 POST /v1/methods/{method}/validate: the same config check a job gets, without a model."""
 
 from __future__ import annotations
@@ -9,22 +9,14 @@ from app.api.deps import ProjectDep
 from app.core.errors import error_responses
 from app.core.jobflow import validate_config
 from app.schemas.api import ConfigCheck, ConfigCheckOut, MethodOut
-from compression.configs import CONFIG_CLASSES
+from compression.method_docs import method_catalog
 
 router = APIRouter(tags=["methods"])
 
 
 @router.get("/methods", response_model=list[MethodOut])
 def list_methods() -> list[MethodOut]:
-    return [
-        MethodOut(
-            key=key,
-            summary=cls.summary,
-            needs_calibration=cls.needs_calibration,
-            config_schema=cls.model_json_schema(),
-        )
-        for key, cls in CONFIG_CLASSES.items()
-    ]
+    return [MethodOut(**entry) for entry in method_catalog()]
 
 
 @router.post("/methods/{method}/validate", response_model=ConfigCheckOut, responses=error_responses(400, 401, 413, 422))

@@ -1,0 +1,80 @@
+"""`MethodSpec`: everything the job pipeline needs to know about a method, declared by the method.
+
+A method is its torch-free config class (`compression.configs`: fields, defaults, data needs), its
+`compress` function, and this inert declaration of the job-level behaviour it needs. The pipeline calls
+these hooks and never names a method. Each built-in method declares its spec in
+`compression/methods/<key>_spec.py`; others call `compression.registry.register(spec)`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+from torch import nn
+
+from compression.configs import MethodConfigBase
+from compression.types import Batches, CompressionResult, ProgressFn
+
+if TYPE_CHECKING:
+    from compression.io import LoadedModel
+    from compression.pipeline.context import JobSpec
+
+
+class CompressFn(Protocol):
+    def __call__(
+        self,
+        model: nn.Module,
+        calib: Batches | None,
+        config: Any,
+        *,
+        progress: ProgressFn | None = None,
+    ) -> CompressionResult: ...
+
+
+@dataclass
+class MethodRun:
+    """What a method's job-level hooks see: the loaded model, the method's data, the job's request."""
+
+    loaded: LoadedModel
+    calib: Batches | None
+    config: MethodConfigBase
+    job: JobSpec
+    progress: ProgressFn
+
+
+PreflightCheck = Callable[["LoadedModel", Batches, Any], dict[str, Any]]
+"""check(loaded, sample batches, config) -> {name, ok, message}, run by the pre-flight after the common checks."""
+
+
+def report_stats(result: CompressionResult) -> dict[str, Any]:
+    return result.stats
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method's declaration. Only `config_class` and `compress` are required."""
+
+    config_class: type[MethodConfigBase]
+    compress: CompressFn
+    # work per calibration sample, relative to one plain forward pass (the pre-flight's time estimate)
+    cost: float = 4.0
+    # settings that follow from the loaded model, e.g. a task metric that depends on the model's task
+    adapt_config: Callable[[Any, LoadedModel], MethodConfigBase] | None = None
+    # replaces the plain `compress(model, calib, config)` call when it returns a result (None: plain call)
+    run: Callable[[MethodRun], CompressionResult | None] | None = None
+    # chooses among the candidate results a method produced (a sweep), given the job's gate
+    pick: Callable[[CompressionResult, MethodRun], CompressionResult] | None = None
+    preflight_checks: tuple[PreflightCheck, ...] = ()
+    # the report's `stats` section
+    report_section: Callable[[CompressionResult], dict[str, Any]] = report_stats
+
+    @property
+    def key(self) -> str:
+        return self.config_class.model_fields["method"].default
+
+    @property
+    def data(self) -> dict[str, Any]:
+        """{calibration: required | optional | none, kinds: [dataset kinds]} from the config class."""
+        return self.config_class.data_needs()

@@ -1,0 +1,70 @@
+"""The `load` and `compress` stages: parse the config, load the model and data, run the method."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from compression import registry
+from compression.configs import MethodConfigBase
+from compression.errors import CompressionError
+from compression.io import LoadedModel, load_model
+from compression.methods.spec import MethodRun
+from compression.pipeline.context import JobError, JobSpec, Stages, parse, to_device
+from compression.pipeline.data import plan_data, read_dataset, sample_caps
+from compression.pipeline.preflight import refuse_if_over_memory
+from compression.types import Batches, CompressionResult
+
+
+@dataclass
+class JobInputs:
+    loaded: LoadedModel
+    config: MethodConfigBase
+    method_data: Batches | None
+    eval_data: Batches
+    data_section: dict[str, Any]
+
+
+def load_inputs(spec: JobSpec, stages: Stages) -> JobInputs:
+    config = parse(spec.method, spec.config)
+    stages.start("load", "loading the model")
+    try:
+        loaded = load_model(spec.model_path, work_dir=spec.work_dir / "load", limits=spec.archive_limits)
+        refuse_if_over_memory(loaded, config, spec.max_memory_bytes)
+        stages.report(0.6, f"loaded a {loaded.format} {loaded.task} model ({loaded.info['params']:,} params)")
+        calib_cap, eval_cap = sample_caps(spec, loaded)
+        calib = read_dataset(spec.calibration_path, loaded, spec, calib_cap)
+        evaluation = read_dataset(spec.evaluation_path, loaded, spec, eval_cap)
+    except CompressionError as error:
+        raise JobError(error.code, error.message) from error
+    method_data, eval_data, data_section = plan_data(
+        config, calib, evaluation, loaded, seq_len=spec.seq_len, calibration_cap=calib_cap
+    )
+    stages.end()
+    adapt = registry.spec_for(config).adapt_config
+    config = adapt(config, loaded) if adapt else config
+    return JobInputs(loaded, config, method_data, eval_data, data_section)
+
+
+def compress_stage(inputs: JobInputs, spec: JobSpec, stages: Stages) -> CompressionResult:
+    """Run the method (its own `run` hook when it has one), then let it pick among its candidates."""
+    config, method = inputs.config, registry.spec_for(inputs.config)
+    run = MethodRun(inputs.loaded, inputs.method_data, config, spec, stages.report)
+    stages.start("compress", f"running {config.method}")
+    try:
+        result = method.run(run) if method.run else None
+        if result is None:
+            model, calib = inputs.loaded.module.to(spec.device), to_device(inputs.method_data, spec.device)
+            result = method.compress(model, calib, config, progress=stages.report)
+    except JobError:
+        raise
+    except CompressionError as error:
+        raise JobError(error.code, error.message) from error
+    except (MemoryError, torch.cuda.OutOfMemoryError) as error:
+        raise JobError("out_of_memory", f"{config.method} ran out of memory: {error}") from error
+    except Exception as error:
+        raise JobError("compression_failed", f"{config.method} failed: {type(error).__name__}: {error}") from error
+    stages.end()
+    return method.pick(result, run) if method.pick else result
