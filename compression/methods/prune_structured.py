@@ -4,9 +4,11 @@ Pipeline (`prune_structured`):
 1. Find the channel groups (`primitives.depgraph`): torch_pruning's dependency graph for CNN-like models,
    the known block layout for Hugging Face transformers (heads, grouped-query attention, MLP neurons).
 2. In `config.iterative_steps` steps towards the target (a channel ratio, or a FLOPs/params reduction
-   measured on the model): score units (`primitives.importance`), search the per-layer ratio (local) or
-   the global score threshold that meets the step's target under the cost model, round every kept count
-   to a multiple of `round_to`, cap each layer at `max_layer_ratio`, physically remove the units.
+   measured on the model): score units (`primitives.importance`, Torch-Pruning importance objects),
+   search the per-layer ratio (local) or the global score threshold that meets the step's target under
+   the cost model (`primitives.prune_costs`), round every kept count to a multiple of `round_to`, cap each
+   layer at `max_layer_ratio`, then remove the units: CNNs through torch_pruning's `MetaPruner` driven
+   with those per-group counts, transformers through the block layout.
    A "latency" target prunes by growing FLOPs steps until `measure_latency(model)` meets it.
 3. Recover (`primitives.recovery`): BatchNorm re-estimation, or bounded distillation from the original.
 4. Hugging Face configs are rewritten when they can describe the result (uniform head counts with an
@@ -32,8 +34,9 @@ from compression.configs import PruneStructuredConfig
 from compression.errors import CompressionError
 from compression.primitives import depgraph
 from compression.primitives.depgraph import ChannelGroup, GroupScan
-from compression.primitives.importance import Importance, make_importance
+from compression.primitives.importance import Importance, make_importance, score_groups
 from compression.primitives.layers import matches_any
+from compression.primitives.prune_costs import CostTable, measure_costs, removed_counts
 from compression.primitives.recovery import distill, recalibrate_batchnorm
 from compression.types import Batches, CompressionResult, ProgressFn, no_progress, primary_output
 
@@ -121,7 +124,7 @@ def _initial_state(work: nn.Module, calib: Batches, config: PruneStructuredConfi
         scan = depgraph.build_cnn_groups(work, example, protected)
     if not scan.groups:
         raise CompressionError("nothing_to_prune", f"no prunable channel group found ({len(scan.skipped)} skipped)")
-    table = depgraph.measure_costs(work, example)
+    table = measure_costs(work, example)
     sizes0 = {group.name: group.size for group in scan.groups}
     importance = make_importance(config.importance)
     state = _State(
@@ -200,16 +203,23 @@ def _torch_latency(batch: dict[str, Any], repeats: int = 10) -> LatencyFn:
 def _prune_step(work: nn.Module, state: _State, metric: str, target: float, share: float) -> None:
     """One step: score units, plan the kept counts that meet `target` (a reduction vs the original) from
     the current model, go `share` of the way there (1 = all), remove the least important units."""
-    groups = state.scan(work).groups
-    scores = state.importance(work, groups, state.calib)
-    planner = _Planner(groups, scores, state, depgraph.measure_costs(work, state.example), metric)
-    # Transformers keep one ratio for every layer (uniform sizes reload natively) unless ranked globally.
-    final = planner.search(target, refine=state.config.global_pruning or not state.transformer)
-    keeps = [planner.partway(index, keep, share) for index, keep in enumerate(final)]
-    removals = planner.removals(keeps)
-    for group, removed in zip(groups, removals, strict=True):
-        if removed:
-            state.history["steps"].append(depgraph.prune_group(work, group, removed))
+    scan = state.scan(work)
+    state.importance.prepare(work, state.calib)
+    try:
+        scores = score_groups(state.importance, work, scan.groups)
+        planner = _Planner(scan.groups, scores, state, measure_costs(work, state.example), metric)
+        # Transformers keep one ratio for every layer (uniform sizes reload natively) unless ranked globally.
+        final = planner.search(target, refine=state.config.global_pruning or not state.transformer)
+        keeps = [planner.partway(index, keep, share) for index, keep in enumerate(final)]
+        removals = planner.removals(keeps)
+        if state.transformer:
+            for group, removed in zip(scan.groups, removals, strict=True):
+                if removed:
+                    state.history["steps"].append(depgraph.prune_group(work, group, removed))
+        else:
+            state.history["steps"] += depgraph.prune_cnn_groups(work, state.example, scan, keeps, state.importance)
+    finally:
+        state.importance.release(work)
     state.steps.append({"target": target, "share": share, "achieved": planner.reduction(removals)})
 
 
@@ -221,7 +231,7 @@ class _Planner:
     groups: list[ChannelGroup]
     scores: list[torch.Tensor]
     state: _State
-    table: depgraph.CostTable
+    table: CostTable
     metric: str
 
     def __post_init__(self) -> None:
@@ -278,7 +288,7 @@ class _Planner:
     def reduction(self, removals: list[list[int]]) -> float:
         if self.metric == "ratio":
             return 1 - (self.units_now - sum(len(r) for r in removals)) / self.state.units0
-        macs, params = self.table.estimate(depgraph.removed_counts(self.groups, removals))
+        macs, params = self.table.estimate(removed_counts(self.groups, removals))
         if self.metric == "params":
             return 1 - params / self.state.params0
         return 1 - macs / self.state.macs0
@@ -400,7 +410,7 @@ def _result(
     latency: dict[str, Any] | None,
 ) -> CompressionResult:
     config = state.config
-    after = depgraph.measure_costs(work, state.example)
+    after = measure_costs(work, state.example)
     achieved = _achieved(state, after, latency)
     hf = _rewrite_hf_configs(work, state.history)
     stats = {
@@ -429,7 +439,7 @@ def _result(
     return CompressionResult(model=work, method="prune_structured", skipped=skipped, stats=stats, notes=notes)
 
 
-def _achieved(state: _State, after: depgraph.CostTable, latency: dict[str, Any] | None) -> float:
+def _achieved(state: _State, after: CostTable, latency: dict[str, Any] | None) -> float:
     metric = state.config.target.metric
     if metric == "params":
         return 1 - after.params / state.params0
