@@ -1,21 +1,14 @@
-"""Importance criteria for structured pruning: Torch-Pruning importance objects with a name and notes.
+"""Importance criteria for structured pruning: Torch-Pruning importance objects plus a name and notes.
 
-Every criterion is a `torch_pruning.importance.Importance`: called on a torch_pruning `Group`, it returns
-one score per unit of the group's root layer (higher = more important = kept), so `MetaPruner` ranks
-with it directly. `prepare(model, calib)` runs before a pruning step's scoring (gradients, activation
-statistics) and `release(model)` after it.
-
-- `MagnitudeImportance(p)`: torch_pruning's group magnitude, Σ|w|^p of every coupled slice (L1: p=1,
-  L2: p=2), mean over the group's layers, normalized to mean 1.
-- `BNScaleImportance`: |γ| of the group's BatchNorm layers (Network Slimming); groups without
-  BatchNorm fall back to L1.
-- `TaylorImportance`: torch_pruning's first-order Taylor |w·∂L/∂w|, gradients of the task loss
-  (cross-entropy on the calibration labels) accumulated over calibration batches. Needs labels:
-  without them it uses the activation criterion and says so.
-- `ActivationImportance` (no torch_pruning equivalent): for layers reading the units,
-  ‖X_c‖₂·‖W[:, c]‖₂ (the unit's contribution to the next layer, as in Wanda); for BatchNorm/LayerNorm
-  outputs, mean |y_c|; for a layer nobody in the group reads, mean |output|. Each layer's scores are
-  normalized to mean 1 before averaging, so layers of different scale count equally.
+A criterion, called on a torch_pruning `Group`, returns one score per unit of the group's root layer
+(higher = kept), so `MetaPruner` ranks with it directly; `prepare(model, calib)` collects what scoring
+needs before a step, `release(model)` drops it. Each layer's scores are scaled to mean 1 before the
+group reduction, so layers of different scale count equally.
+- "l1"/"l2": torch_pruning's group magnitude Σ|w|^p; "bn_scale": its BatchNorm |γ| (Network Slimming),
+  L1 for groups without BatchNorm; "taylor": its first-order |w·∂L/∂w| with gradients of the
+  cross-entropy on the calibration labels (without labels: the activation criterion).
+- "activation" (no torch_pruning equivalent): ‖X_c‖₂·‖W[:, c]‖₂ for layers reading the unit (its
+  contribution to the next layer, as in Wanda), mean |y_c| for norm outputs and unread layers.
 """
 
 from __future__ import annotations
@@ -34,9 +27,10 @@ from compression.types import Batches, primary_output
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
 _WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
 _IN_FUNCTIONS = (tp_function.prune_linear_in_channels, tp_function.prune_conv_in_channels)
+_Stats = tuple[torch.Tensor, torch.Tensor]
 
 
-class _Criterion:
+class Criterion:
     """What modelpress adds to a torch_pruning importance: a config name, report notes, set-up and tear-down."""
 
     name: str = ""
@@ -61,18 +55,17 @@ class _LayersWeighedEqually:
         return super()._reduce(scaled, group_idxs)  # type: ignore[misc]
 
 
-class MagnitudeImportance(_Criterion, _LayersWeighedEqually, tp.importance.GroupMagnitudeImportance):
+class MagnitudeImportance(Criterion, _LayersWeighedEqually, tp.importance.GroupMagnitudeImportance):
     def __init__(self, p: int = 1) -> None:
         super().__init__(p=p)
         self.name = f"l{p}"
 
 
-class BNScaleImportance(_Criterion, _LayersWeighedEqually, tp.importance.BNScaleImportance):
+class BNScaleImportance(Criterion, _LayersWeighedEqually, tp.importance.BNScaleImportance):
     name = "bn_scale"
 
     def __init__(self) -> None:
         super().__init__()
-        self.fallback = MagnitudeImportance(1)
         self.without_bn: set[int] = set()
 
     def __call__(self, group: Any) -> torch.Tensor | None:
@@ -80,7 +73,7 @@ class BNScaleImportance(_Criterion, _LayersWeighedEqually, tp.importance.BNScale
         if scores is not None:
             return scores
         self.without_bn.add(id(group[0].dep.target.module))
-        return self.fallback(group)
+        return MagnitudeImportance(1)(group)
 
     @property
     def notes(self) -> list[str]:
@@ -88,7 +81,7 @@ class BNScaleImportance(_Criterion, _LayersWeighedEqually, tp.importance.BNScale
         return [f"bn_scale: {count} group(s) without BatchNorm were scored by L1 magnitude"] if count else []
 
 
-class TaylorImportance(_Criterion, _LayersWeighedEqually, tp.importance.GroupTaylorImportance):
+class TaylorImportance(Criterion, _LayersWeighedEqually, tp.importance.GroupTaylorImportance):
     name = "taylor"
 
     def __init__(self, max_batches: int = 16) -> None:
@@ -113,6 +106,8 @@ class TaylorImportance(_Criterion, _LayersWeighedEqually, tp.importance.GroupTay
                 nn.functional.cross_entropy(logits.float().flatten(0, -2), labels.flatten().long()).backward()
 
     def release(self, model: nn.Module) -> None:
+        if self.fallback:
+            self.fallback.release(model)
         for param, flag in self.saved:
             param.grad = None
             param.requires_grad_(flag)
@@ -123,17 +118,16 @@ class TaylorImportance(_Criterion, _LayersWeighedEqually, tp.importance.GroupTay
 
     @property
     def notes(self) -> list[str]:
-        if self.fallback is None:
-            return []
-        return ["taylor: calibration batches have no labels; used the activation criterion instead"]
+        note = "taylor: calibration batches have no labels; used the activation criterion instead"
+        return [note] if self.fallback else []
 
 
-class ActivationImportance(_Criterion, tp.importance.Importance):
+class ActivationImportance(Criterion, tp.importance.Importance):
     name = "activation"
 
     def __init__(self, max_batches: int = 16) -> None:
         self.max_batches = max_batches
-        self.stats: dict[nn.Module, _ChannelStats] = {}
+        self.stats: dict[nn.Module, _Stats] = {}
         self.fell_back = False
 
     def prepare(self, model: nn.Module, calib: Batches | None) -> None:
@@ -150,47 +144,31 @@ class ActivationImportance(_Criterion, tp.importance.Importance):
         if self.fell_back:
             return MagnitudeImportance(2)(group)
         has_reader = any(dep.handler in _IN_FUNCTIONS for dep, _ in group)
-        parts = []
-        for item in group:
-            scores = self._member_scores(item.dep.target.module, item.dep.handler, item.idxs, has_reader)
-            if scores is not None:
-                parts.append((scores, item.root_idxs))
+        parts = [
+            (scores, item.root_idxs)
+            for item in group
+            if (scores := self._member_scores(item.dep.target.module, item.dep.handler, item.idxs, has_reader))
+            is not None
+        ]
         return _mean_of_normalized(_unit_count(group), parts) if parts else None
 
     def _member_scores(self, module: Any, fn: Any, idxs: list[int], has_reader: bool) -> torch.Tensor | None:
-        record = self.stats.get(module) if isinstance(module, nn.Module) else None
-        if record is None:
+        if not isinstance(module, nn.Module) or module not in self.stats:
             return None
+        mean_square_in, mean_abs_out = self.stats[module]
         index = torch.as_tensor(idxs, dtype=torch.long)
-        weighted = isinstance(module, _WEIGHTED)
         if fn in _IN_FUNCTIONS:
             if getattr(module, "groups", 1) > 1:
                 return None
-            rms = (record.input_sq / max(record.count_in, 1)).sqrt()
             column = module.weight.detach().double().pow(2).transpose(0, 1).flatten(1).sum(1).sqrt()
-            return (rms * column)[index]
-        if isinstance(module, _NORMS) or (weighted and not has_reader):
-            return (record.output_abs / max(record.count_out, 1))[index]
+            return (mean_square_in.sqrt() * column)[index]
+        if isinstance(module, _NORMS) or (isinstance(module, _WEIGHTED) and not has_reader):
+            return mean_abs_out[index]
         return None
 
     @property
     def notes(self) -> list[str]:
         return ["activation: no calibration data; used L2 magnitude instead"] if self.fell_back else []
-
-
-class _ChannelStats:
-    def __init__(self) -> None:
-        self.input_sq: torch.Tensor | float = 0.0  # Σ x_c² over samples, per input channel
-        self.output_abs: torch.Tensor | float = 0.0  # Σ |y_c|, per output channel
-        self.count_in = 0
-        self.count_out = 0
-
-    def add(self, module: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = _channel_last(x, module), _channel_last(y, module)
-        self.input_sq = self.input_sq + x.pow(2).sum(0)
-        self.output_abs = self.output_abs + y.abs().sum(0)
-        self.count_in += x.shape[0]
-        self.count_out += y.shape[0]
 
 
 def _channel_last(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -202,9 +180,17 @@ def _channel_last(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _activation_stats(model: nn.Module, calib: Batches, max_batches: int) -> dict[nn.Module, _ChannelStats]:
-    stats = {m: _ChannelStats() for m in model.modules() if isinstance(m, _WEIGHTED + _NORMS)}
-    handles = [m.register_forward_hook(lambda mod, args, out: stats[mod].add(mod, args[0], out)) for m in stats]
+def _activation_stats(model: nn.Module, calib: Batches, max_batches: int) -> dict[nn.Module, _Stats]:
+    """(mean x_c² of the input, mean |y_c| of the output) per channel of every weighted and norm layer."""
+    sums: dict[nn.Module, list[Any]] = {}
+
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        x, y = _channel_last(args[0], module), _channel_last(output, module)
+        total = sums.setdefault(module, [0.0, 0, 0.0, 0])
+        total[0], total[1] = total[0] + x.pow(2).sum(0), total[1] + x.shape[0]
+        total[2], total[3] = total[2] + y.abs().sum(0), total[3] + y.shape[0]
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _WEIGHTED + _NORMS)]
     model.eval()
     try:
         for batch in calib.inputs[:max_batches]:
@@ -212,7 +198,7 @@ def _activation_stats(model: nn.Module, calib: Batches, max_batches: int) -> dic
     finally:
         for handle in handles:
             handle.remove()
-    return stats
+    return {module: (t[0] / t[1], t[2] / t[3]) for module, t in sums.items()}
 
 
 def _unit_count(group: Any) -> int:
@@ -245,7 +231,7 @@ def as_tp_group(model: nn.Module, group: ChannelGroup) -> Any:
     return tp_group
 
 
-def score_groups(criterion: Callable[[Any], torch.Tensor | None], model: nn.Module, groups: Sequence[ChannelGroup]):
+def score_groups(criterion: Criterion, model: nn.Module, groups: Sequence[ChannelGroup]) -> list[torch.Tensor]:
     """One score per unit of every group, each group's scores normalized to mean 1 (uniform when unscored)."""
     scores = []
     for group in groups:
@@ -256,12 +242,9 @@ def score_groups(criterion: Callable[[Any], torch.Tensor | None], model: nn.Modu
     return scores
 
 
-Importance = MagnitudeImportance | BNScaleImportance | TaylorImportance | ActivationImportance
-
-
-def make_importance(name: str) -> Importance:
+def make_importance(name: str) -> Criterion:
     """The criterion for a config value: "l1" | "l2" | "bn_scale" | "taylor" | "activation"."""
-    factories: dict[str, Callable[[], Importance]] = {
+    factories: dict[str, Callable[[], Criterion]] = {
         "l1": lambda: MagnitudeImportance(1),
         "l2": lambda: MagnitudeImportance(2),
         "bn_scale": BNScaleImportance,

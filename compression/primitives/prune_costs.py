@@ -9,9 +9,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch_pruning as tp
 from torch import nn
 
 from compression.primitives.depgraph import ChannelGroup, attention_layouts
+
+_TP_GRAPH = tp.DependencyGraph()  # never built: only its per-layer-type pruners are used
 
 
 @dataclass
@@ -112,17 +115,9 @@ def _static_cost(module: nn.Module) -> ModuleCost | None:
 
 
 def _channel_size(module: nn.Module) -> int | None:
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.num_features
-    if isinstance(module, nn.LayerNorm):
-        return module.normalized_shape[-1]
-    if isinstance(module, nn.GroupNorm):
-        return module.num_channels
-    if isinstance(module, nn.PReLU):
-        return module.num_parameters
-    if isinstance(module, nn.Embedding):
-        return module.embedding_dim
-    return None
+    """Channels of a one-sided layer (norms, PReLU, embeddings) as torch_pruning's layer pruners count them."""
+    pruner = _TP_GRAPH.get_pruner_of_module(module)
+    return pruner.get_out_channels(module) if pruner is not None else None
 
 
 def removed_counts(groups: list[ChannelGroup], removals: list[list[int]]) -> dict[tuple[str, str], int]:
