@@ -190,7 +190,7 @@ def _prune_step(work: nn.Module, state: _State, metric: str, target: float, shar
     scan = state.scan(work)
     state.importance.prepare(work, state.calib)
     try:
-        scores = score_groups(state.importance, work, scan.groups)
+        scores = score_groups(state.importance, scan.groups)
         planner = _Planner(scan.groups, scores, state, measure_costs(work, state.example), metric)
         # Transformers keep one ratio for every layer (uniform sizes reload natively) unless ranked globally.
         final = planner.search(target, refine=state.config.global_pruning or not state.transformer)
@@ -422,13 +422,12 @@ def _achieved(state: _State, after: CostTable, latency: dict[str, Any] | None) -
 
 
 def _channels(original: nn.Module, work: nn.Module) -> dict[str, list[int]]:
-    kept = {}
     pruned = dict(work.named_modules())
-    for name, module in original.named_modules():
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and name in pruned:
-            before = module.weight.shape[0]
-            kept[name] = [int(before), int(pruned[name].weight.shape[0])]
-    return kept
+    return {
+        name: [int(module.weight.shape[0]), int(pruned[name].weight.shape[0])]
+        for name, module in original.named_modules()
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and name in pruned
+    }
 
 
 def _heads(original: nn.Module, work: nn.Module) -> dict[str, list[int]]:

@@ -84,7 +84,7 @@ class ChannelGroup:
     tied: list[list[int]] = field(default_factory=list)
     blocks: int = 1
     attrs: Callable[[int], list[dict[str, Any]]] | None = None  # kept units -> attribute updates
-    tp: Any = None  # the torch_pruning Group it was traced as (CNN groups)
+    tp: Any = None  # the torch_pruning Group that importance criteria score (and MetaPruner prunes, for CNNs)
 
     def __post_init__(self) -> None:
         if not self.tied:
@@ -508,8 +508,20 @@ def build_transformer_groups(model: nn.Module, protected: Callable[[str], bool])
         if blocked:
             scan.skipped[group.name] = f"coupled to skipped layer '{blocked[0]}'"
         else:
+            group.tp = _tp_group(model, group.members)
             scan.groups.append(group)
     return scan
+
+
+def _tp_group(model: nn.Module, members: list[Member]) -> tp.dependency.Group:
+    """The members of a layout group as a torch_pruning `Group`, so its importance criteria can score it."""
+    group = tp.dependency.Group()
+    for member in members:
+        node = tp.dependency.Node(model.get_submodule(member.module), None, member.module)
+        fn = TP_FUNCTIONS[member.fn]
+        group.add_dep(tp.dependency.Dependency(fn, fn, source=node, target=node), list(member.idxs))
+        group[-1].root_idxs = list(member.units)
+    return group
 
 
 def _rows(count: int, per_unit: int) -> tuple[list[int], list[int]]:

@@ -21,7 +21,7 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function as tp_function
 
-from compression.primitives.depgraph import TP_FUNCTIONS, ChannelGroup
+from compression.primitives.depgraph import ChannelGroup
 from compression.types import Batches, primary_output
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
@@ -35,7 +35,7 @@ class Criterion:
 
     name: str = ""
 
-    def prepare(self, model: nn.Module, calib: Batches | None) -> None:
+    def prepare(self, model: nn.Module, calib: Batches) -> None:
         """Collect what scoring needs before a pruning step (nothing for weight-only criteria)."""
 
     def release(self, model: nn.Module) -> None:
@@ -90,8 +90,8 @@ class TaylorImportance(Criterion, _LayersWeighedEqually, tp.importance.GroupTayl
         self.fallback: ActivationImportance | None = None
         self.saved: list[tuple[nn.Parameter, bool]] = []
 
-    def prepare(self, model: nn.Module, calib: Batches | None) -> None:
-        if calib is None or not calib.labels:
+    def prepare(self, model: nn.Module, calib: Batches) -> None:
+        if not calib.labels:
             self.fallback = self.fallback or ActivationImportance(self.max_batches)
             self.fallback.prepare(model, calib)
             return
@@ -128,12 +128,8 @@ class ActivationImportance(Criterion, tp.importance.Importance):
     def __init__(self, max_batches: int = 16) -> None:
         self.max_batches = max_batches
         self.stats: dict[nn.Module, _Stats] = {}
-        self.fell_back = False
 
-    def prepare(self, model: nn.Module, calib: Batches | None) -> None:
-        if calib is None or len(calib) == 0:
-            self.fell_back = True
-            return
+    def prepare(self, model: nn.Module, calib: Batches) -> None:
         self.stats = _activation_stats(model, calib, self.max_batches)
 
     def release(self, model: nn.Module) -> None:
@@ -141,8 +137,6 @@ class ActivationImportance(Criterion, tp.importance.Importance):
 
     @torch.no_grad()
     def __call__(self, group: Any) -> torch.Tensor | None:
-        if self.fell_back:
-            return MagnitudeImportance(2)(group)
         has_reader = any(dep.handler in _IN_FUNCTIONS for dep, _ in group)
         parts = [
             (scores, item.root_idxs)
@@ -165,10 +159,6 @@ class ActivationImportance(Criterion, tp.importance.Importance):
         if isinstance(module, _NORMS) or (isinstance(module, _WEIGHTED) and not has_reader):
             return mean_abs_out[index]
         return None
-
-    @property
-    def notes(self) -> list[str]:
-        return ["activation: no calibration data; used L2 magnitude instead"] if self.fell_back else []
 
 
 def _channel_last(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -220,22 +210,11 @@ def _mean_of_normalized(size: int, parts: list[tuple[torch.Tensor, list[int]]]) 
     return (total / covered.clamp_min(1.0)).float()
 
 
-def as_tp_group(model: nn.Module, group: ChannelGroup) -> Any:
-    """A torch_pruning `Group` over the members of one of our groups (for the transformer layouts)."""
-    tp_group = tp.dependency.Group()
-    for member in group.members:
-        node = tp.dependency.Node(model.get_submodule(member.module), None, member.module)
-        fn = TP_FUNCTIONS[member.fn]
-        tp_group.add_dep(tp.dependency.Dependency(fn, fn, source=node, target=node), list(member.idxs))
-        tp_group[len(tp_group) - 1].root_idxs = list(member.units)
-    return tp_group
-
-
-def score_groups(criterion: Criterion, model: nn.Module, groups: Sequence[ChannelGroup]) -> list[torch.Tensor]:
+def score_groups(criterion: Criterion, groups: Sequence[ChannelGroup]) -> list[torch.Tensor]:
     """One score per unit of every group, each group's scores normalized to mean 1 (uniform when unscored)."""
     scores = []
     for group in groups:
-        raw = criterion(group.tp if group.tp is not None else as_tp_group(model, group))
+        raw = criterion(group.tp)
         unit = torch.ones(group.size) if raw is None else raw.detach().float().cpu()[: group.size]
         mean = unit.mean()
         scores.append(unit / mean if mean > 0 else torch.ones(group.size))

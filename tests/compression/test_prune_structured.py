@@ -260,7 +260,7 @@ def test_l1_importance_keeps_the_largest_filters() -> None:
         model[0].weight.copy_(torch.arange(16, dtype=torch.float32).view(16, 1, 1, 1).expand(16, 1, 3, 3))
         model[3].weight.fill_(1.0)
     scan = build_cnn_groups(model, {"input": torch.randn(2, 1, 8, 8)}, lambda name: False)
-    scores = score_groups(MagnitudeImportance(1), model, scan.groups)[0]
+    scores = score_groups(MagnitudeImportance(1), scan.groups)[0]
     assert torch.equal(scores.argsort(), torch.arange(16))
     calib = Batches([{"input": torch.randn(2, 1, 8, 8)}])
     result = compress(model, calib, _config(target={"metric": "ratio", "reduction": 0.5}))
