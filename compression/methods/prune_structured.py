@@ -4,9 +4,11 @@ Pipeline (`prune_structured`):
 1. Find the channel groups (`primitives.depgraph`): torch_pruning's dependency graph for CNN-like models,
    the known block layout for Hugging Face transformers (heads, grouped-query attention, MLP neurons).
 2. In `config.iterative_steps` steps towards the target (a channel ratio, or a FLOPs/params reduction
-   measured on the model): score units (`primitives.importance`), search the per-layer ratio (local) or
-   the global score threshold that meets the step's target under the cost model, round every kept count
-   to a multiple of `round_to`, cap each layer at `max_layer_ratio`, physically remove the units.
+   measured on the model): score units (`primitives.importance`, Torch-Pruning importance objects),
+   search the per-layer ratio (local) or the global score threshold that meets the step's target under
+   the cost model (`primitives.prune_costs`), round every kept count to a multiple of `round_to`, cap each
+   layer at `max_layer_ratio`, then remove the units: CNNs through torch_pruning's `MetaPruner` driven
+   with those per-group counts, transformers through the block layout.
    A "latency" target prunes by growing FLOPs steps until `measure_latency(model)` meets it.
 3. Recover (`primitives.recovery`): BatchNorm re-estimation, or bounded distillation from the original.
 4. Hugging Face configs are rewritten when they can describe the result (uniform head counts with an
@@ -32,8 +34,9 @@ from compression.configs import PruneStructuredConfig
 from compression.errors import CompressionError
 from compression.primitives import depgraph
 from compression.primitives.depgraph import ChannelGroup, GroupScan
-from compression.primitives.importance import Importance, make_importance
+from compression.primitives.importance import Criterion, make_importance, score_groups
 from compression.primitives.layers import matches_any
+from compression.primitives.prune_costs import CostTable, measure_costs, removed_counts
 from compression.primitives.recovery import distill, recalibrate_batchnorm
 from compression.types import Batches, CompressionResult, ProgressFn, no_progress, primary_output
 
@@ -60,24 +63,23 @@ class _State:
 
     config: PruneStructuredConfig
     calib: Batches
-    example: dict[str, Any]
     transformer: bool
-    macs0: float
-    params0: int
-    units0: int
-    sizes0: dict[str, int]
-    importance: Importance
+    base: CostTable
+    importance: Criterion
+    sizes0: dict[str, int] = field(default_factory=dict)
     history: dict[str, Any] = field(default_factory=depgraph.new_history)
     steps: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def example(self) -> dict[str, Any]:
+        return self.calib.inputs[0]
 
     def protected(self, name: str) -> bool:
         return matches_any(name, self.config.skip_layers)
 
     def scan(self, model: nn.Module) -> GroupScan:
         if self.transformer:
-            scan = depgraph.build_transformer_groups(model, self.protected)
-            assert scan is not None
-            return scan
+            return depgraph.build_transformer_groups(model, self.protected) or GroupScan([], {})
         return depgraph.build_cnn_groups(model, self.example, self.protected)
 
 
@@ -113,28 +115,13 @@ def prune_structured(
 
 
 def _initial_state(work: nn.Module, calib: Batches, config: PruneStructuredConfig) -> tuple[_State, GroupScan]:
-    example = calib.inputs[0]
-    protected = lambda name: matches_any(name, config.skip_layers)  # noqa: E731
-    scan = depgraph.build_transformer_groups(work, protected)
-    transformer = scan is not None
-    if scan is None:
-        scan = depgraph.build_cnn_groups(work, example, protected)
+    transformer = bool(depgraph.attention_layouts(work) or depgraph.mlp_layouts(work))
+    base = measure_costs(work, calib.inputs[0])
+    state = _State(config, calib, transformer, base, make_importance(config.importance))
+    scan = state.scan(work)
     if not scan.groups:
         raise CompressionError("nothing_to_prune", f"no prunable channel group found ({len(scan.skipped)} skipped)")
-    table = depgraph.measure_costs(work, example)
-    sizes0 = {group.name: group.size for group in scan.groups}
-    importance = make_importance(config.importance)
-    state = _State(
-        config,
-        calib,
-        example,
-        transformer,
-        table.macs,
-        table.params,
-        sum(sizes0.values()),
-        sizes0,
-        importance,
-    )
+    state.sizes0 = {group.name: group.size for group in scan.groups}
     return state, scan
 
 
@@ -200,16 +187,23 @@ def _torch_latency(batch: dict[str, Any], repeats: int = 10) -> LatencyFn:
 def _prune_step(work: nn.Module, state: _State, metric: str, target: float, share: float) -> None:
     """One step: score units, plan the kept counts that meet `target` (a reduction vs the original) from
     the current model, go `share` of the way there (1 = all), remove the least important units."""
-    groups = state.scan(work).groups
-    scores = state.importance(work, groups, state.calib)
-    planner = _Planner(groups, scores, state, depgraph.measure_costs(work, state.example), metric)
-    # Transformers keep one ratio for every layer (uniform sizes reload natively) unless ranked globally.
-    final = planner.search(target, refine=state.config.global_pruning or not state.transformer)
-    keeps = [planner.partway(index, keep, share) for index, keep in enumerate(final)]
-    removals = planner.removals(keeps)
-    for group, removed in zip(groups, removals, strict=True):
-        if removed:
-            state.history["steps"].append(depgraph.prune_group(work, group, removed))
+    scan = state.scan(work)
+    state.importance.prepare(work, state.calib)
+    try:
+        scores = score_groups(state.importance, scan.groups)
+        planner = _Planner(scan.groups, scores, state, measure_costs(work, state.example), metric)
+        # Transformers keep one ratio for every layer (uniform sizes reload natively) unless ranked globally.
+        final = planner.search(target, refine=state.config.global_pruning or not state.transformer)
+        keeps = [planner.partway(index, keep, share) for index, keep in enumerate(final)]
+        removals = planner.removals(keeps)
+        if state.transformer:
+            for group, removed in zip(scan.groups, removals, strict=True):
+                if removed:
+                    state.history["steps"].append(depgraph.prune_group(work, group, removed))
+        else:
+            state.history["steps"] += depgraph.prune_cnn_groups(work, state.example, scan, keeps, state.importance)
+    finally:
+        state.importance.release(work)
     state.steps.append({"target": target, "share": share, "achieved": planner.reduction(removals)})
 
 
@@ -221,7 +215,7 @@ class _Planner:
     groups: list[ChannelGroup]
     scores: list[torch.Tensor]
     state: _State
-    table: depgraph.CostTable
+    table: CostTable
     metric: str
 
     def __post_init__(self) -> None:
@@ -239,13 +233,9 @@ class _Planner:
         original = self.state.sizes0.get(group.name, group.size)
         min_keep = max(1, math.ceil(original * (1 - config.max_layer_ratio)))
         granularity = 1 if group.kind == "heads" else config.round_to
-        if group.blocks > 1:
-            counts = [group.blocks * j for j in range(1, group.size // group.blocks + 1)]
-        else:
-            width = len(group.tied[0])
-            counts = [width * j for j in range(1, len(group.tied) + 1)]
-        allowed = [k for k in counts if k >= min_keep and (k % granularity == 0 or k == group.size)]
-        return sorted(set(allowed) | {group.size})
+        step = max(group.blocks, len(group.tied[0]))  # equal counts per block, whole tied sets
+        allowed = {k for k in range(step, group.size, step) if k >= min_keep and k % granularity == 0}
+        return sorted(allowed | {group.size})
 
     def partway(self, index: int, final: int, share: float) -> int:
         """The allowed count closest to `share` of the way from the current size down to `final`."""
@@ -277,11 +267,11 @@ class _Planner:
 
     def reduction(self, removals: list[list[int]]) -> float:
         if self.metric == "ratio":
-            return 1 - (self.units_now - sum(len(r) for r in removals)) / self.state.units0
-        macs, params = self.table.estimate(depgraph.removed_counts(self.groups, removals))
+            return 1 - (self.units_now - sum(len(r) for r in removals)) / sum(self.state.sizes0.values())
+        macs, params = self.table.estimate(removed_counts(self.groups, removals))
         if self.metric == "params":
-            return 1 - params / self.state.params0
-        return 1 - macs / self.state.macs0
+            return 1 - params / self.state.base.params
+        return 1 - macs / self.state.base.macs
 
     def _reached(self, keeps: list[int]) -> float:
         return self.reduction(self.removals(keeps))
@@ -326,21 +316,12 @@ def _lowest_units(group: ChannelGroup, scores: torch.Tensor, count: int) -> list
     if count <= 0:
         return []
     if group.blocks > 1:
-        width = group.size // group.blocks
-        per_block = count // group.blocks
-        removed = []
-        for block in range(group.blocks):
-            local = scores[block * width : (block + 1) * width]
-            order = sorted(range(width), key=lambda i: (float(local[i]), i))
-            removed += [block * width + i for i in order[:per_block]]
+        width, removed = group.size // group.blocks, []
+        for start in range(0, group.size, width):
+            removed += sorted(range(start, start + width), key=lambda i: (float(scores[i]), i))[: count // group.blocks]
         return sorted(removed)
-    ranked = sorted(_tied_scores(group, scores), key=lambda item: (item[1], min(item[0])))
-    removed = []
-    for units, _ in ranked:
-        if len(removed) >= count:
-            break
-        removed += units
-    return sorted(removed)
+    ranked = sorted(group.tied, key=lambda units: (float(scores[units].mean()), min(units)))
+    return sorted(unit for units in ranked[: math.ceil(count / len(group.tied[0]))] for unit in units)
 
 
 # ---------------------------------------------------------------- checks, recovery, report
@@ -400,18 +381,18 @@ def _result(
     latency: dict[str, Any] | None,
 ) -> CompressionResult:
     config = state.config
-    after = depgraph.measure_costs(work, state.example)
+    after = measure_costs(work, state.example)
     achieved = _achieved(state, after, latency)
     hf = _rewrite_hf_configs(work, state.history)
     stats = {
         "metric": config.target.metric,
         "target_reduction": config.target.reduction,
         "achieved_reduction": achieved,
-        "macs_before": state.macs0,
+        "macs_before": state.base.macs,
         "macs_after": after.macs,
-        "flops_before": 2 * state.macs0,
+        "flops_before": 2 * state.base.macs,
         "flops_after": 2 * after.macs,
-        "params_before": state.params0,
+        "params_before": state.base.params,
         "params_after": after.params,
         "channels": _channels(original, work),
         "heads": _heads(original, work),
@@ -429,25 +410,24 @@ def _result(
     return CompressionResult(model=work, method="prune_structured", skipped=skipped, stats=stats, notes=notes)
 
 
-def _achieved(state: _State, after: depgraph.CostTable, latency: dict[str, Any] | None) -> float:
+def _achieved(state: _State, after: CostTable, latency: dict[str, Any] | None) -> float:
     metric = state.config.target.metric
     if metric == "params":
-        return 1 - after.params / state.params0
+        return 1 - after.params / state.base.params
     if metric == "ratio":
         return state.steps[-1]["achieved"] if state.steps else 0.0
     if metric == "latency" and latency:
         return 1 - latency["final_s"] / latency["base_s"]
-    return 1 - after.macs / state.macs0
+    return 1 - after.macs / state.base.macs
 
 
 def _channels(original: nn.Module, work: nn.Module) -> dict[str, list[int]]:
-    kept = {}
     pruned = dict(work.named_modules())
-    for name, module in original.named_modules():
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and name in pruned:
-            before = module.weight.shape[0]
-            kept[name] = [int(before), int(pruned[name].weight.shape[0])]
-    return kept
+    return {
+        name: [int(module.weight.shape[0]), int(pruned[name].weight.shape[0])]
+        for name, module in original.named_modules()
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)) and name in pruned
+    }
 
 
 def _heads(original: nn.Module, work: nn.Module) -> dict[str, list[int]]:

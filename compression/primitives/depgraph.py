@@ -1,4 +1,4 @@
-"""Channel groups and a replayable pruning history: the one module that wraps `torch_pruning`.
+"""Channel groups and a replayable pruning history, on `torch_pruning`'s dependency graph and pruner.
 
 A `ChannelGroup` is a set of prunable units (conv channels, attention heads, MLP neurons) whose removal
 must happen in several modules at once: a conv's output channels, its BatchNorm, the next layers'
@@ -9,15 +9,16 @@ input channels, every conv feeding the same residual add, the slices of a concat
   MLP up/gate/down per neuron); grouped-query attention keeps the same number of query heads per
   key/value head.
 
-Pruning a group applies torch_pruning's per-module functions and returns a JSON step (module, function,
-removed indices, attribute updates). `apply_pruning_history` replays the steps on a freshly built model,
-so the pruned architecture is rebuilt from JSON + safetensors, never from a pickle.
+CNN groups are pruned by torch_pruning's `MetaPruner` (`prune_cnn_groups`: one ranking scope and kept
+count per group, chosen by the caller's cost search); transformer groups by applying torch_pruning's
+per-module functions (`prune_group`). Both record JSON steps (module, function, removed indices,
+attribute updates); `apply_pruning_history` replays them on a freshly built model, so the pruned
+architecture is rebuilt from JSON + safetensors, never from a pickle.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,7 +36,7 @@ from compression.errors import CompressionError
 HISTORY_FORMAT = "modelpress.pruning_history/v1"
 HF_CONFIG_KEY = "modelpress_pruning"
 
-_TP_FUNCTIONS: dict[str, Callable[[nn.Module, list[int]], Any]] = {
+TP_FUNCTIONS: dict[str, Callable[[nn.Module, list[int]], Any]] = {
     name: getattr(tp_function, name)
     for name in sorted(dir(tp_function))
     if name.startswith("prune_") and name.endswith("_channels")
@@ -52,6 +53,7 @@ _CHANNELWISE_NAMES = """
 """
 _CHANNELWISE_OPS = frozenset(_CHANNELWISE_NAMES.split())
 _REDUCTIONS = frozenset({"mean", "sum", "amax", "amin"})
+_ROOT_TYPES = (nn.modules.conv._ConvNd, nn.Linear)
 
 
 @dataclass
@@ -82,6 +84,7 @@ class ChannelGroup:
     tied: list[list[int]] = field(default_factory=list)
     blocks: int = 1
     attrs: Callable[[int], list[dict[str, Any]]] | None = None  # kept units -> attribute updates
+    tp: Any = None  # the torch_pruning Group that importance criteria score (and MetaPruner prunes, for CNNs)
 
     def __post_init__(self) -> None:
         if not self.tied:
@@ -92,6 +95,7 @@ class ChannelGroup:
 class GroupScan:
     groups: list[ChannelGroup]
     skipped: dict[str, str]  # module or group name -> why it is not pruned
+    ignored: list[str] = field(default_factory=list)  # layers whose output units are kept (model outputs)
 
 
 # ---------------------------------------------------------------- history
@@ -104,7 +108,7 @@ def new_history() -> dict[str, Any]:
 def apply_history_step(model: nn.Module, step: dict[str, Any]) -> None:
     """Remove the recorded indices from each module and set the recorded attributes."""
     for op in step["ops"]:
-        _TP_FUNCTIONS[op["fn"]](model.get_submodule(op["module"]), list(op["idxs"]))
+        TP_FUNCTIONS[op["fn"]](model.get_submodule(op["module"]), list(op["idxs"]))
     for attr in step.get("attrs", []):
         setattr(model.get_submodule(attr["module"]), attr["name"], attr["value"])
 
@@ -185,10 +189,9 @@ def build_cnn_groups(model: nn.Module, batch: dict[str, Any], protected: Callabl
     graph = _build_graph(model, inputs)
     names: dict[Any, str] = dict(graph._module2name)
     outputs = _output_layers(graph, names)
-    scan = GroupScan([], {n: "produces the model output: its output units are kept" for n in outputs})
+    scan = GroupScan([], {n: "produces the model output: its output units are kept" for n in outputs}, outputs)
     ignored = [model.get_submodule(name) for name in outputs]
-    roots = (nn.modules.conv._ConvNd, nn.Linear)
-    for tp_group in graph.get_all_groups(ignored_layers=ignored, root_module_types=roots):
+    for tp_group in graph.get_all_groups(ignored_layers=ignored, root_module_types=_ROOT_TYPES):
         _check_operators(tp_group, names)
         group = _channel_group(model, tp_group, names, protected)
         if isinstance(group, ChannelGroup):
@@ -196,6 +199,48 @@ def build_cnn_groups(model: nn.Module, batch: dict[str, Any], protected: Callabl
         else:
             scan.skipped[names[tp_group[0].dep.target.module]] = group
     return scan
+
+
+def prune_cnn_groups(
+    model: nn.Module, batch: dict[str, Any], scan: GroupScan, keeps: list[int], importance: Any
+) -> list[dict[str, Any]]:
+    """Keep `keeps[i]` units of `scan.groups[i]` with torch_pruning's MetaPruner (each group its own
+    ranking scope, the least important units by `importance` go); returns the history steps."""
+    ratios = {
+        model.get_submodule(group.name): 1 - (keep // len(group.tied[0]) + 0.5) / len(group.tied)
+        for group, keep in zip(scan.groups, keeps, strict=True)
+        if keep < group.size
+    }
+    if not ratios:
+        return []
+    with torch.enable_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = tp.pruner.MetaPruner(
+            model,
+            _traceable_inputs(batch),
+            importance=importance,
+            pruning_ratio=0.0,
+            pruning_ratio_dict=ratios,
+            ignored_layers=[model.get_submodule(name) for name in scan.ignored],
+            root_module_types=list(_ROOT_TYPES),
+        )
+        names = {module: name for name, module in model.named_modules()}
+        steps = []
+        for tp_group in pruner.step(interactive=True):
+            steps.append(_history_step(tp_group, names))
+            tp_group.prune()
+    return steps
+
+
+def _history_step(tp_group: Any, names: dict[Any, str]) -> dict[str, Any]:
+    """A torch_pruning group as a history step; unnamed ops (concat, split) need no replay in eager mode."""
+    ops = [
+        {"module": names[dep.target.module], "fn": _fn_name(dep.handler), "idxs": sorted(int(i) for i in idxs)}
+        for dep, idxs in tp_group
+        if dep.target.module in names
+    ]
+    removed = sorted(int(i) for i in tp_group[0].idxs)
+    return {"group": ops[0]["module"], "kind": "channels", "removed": removed, "ops": ops, "attrs": []}
 
 
 def _traceable_inputs(batch: dict[str, Any]) -> dict[str, Any]:
@@ -352,11 +397,12 @@ def _channel_group(
             return f"coupled to skipped layer '{name}'"
         members.append(Member(name, _fn_name(item.dep.handler), list(item.idxs), list(item.root_idxs)))
     size = len(tp_group[0].idxs)
-    return ChannelGroup(names[tp_group[0].dep.target.module], "channels", size, members, _tied(model, members, size))
+    name = names[tp_group[0].dep.target.module]
+    return ChannelGroup(name, "channels", size, members, _tied(model, members, size), tp=tp_group)
 
 
 def _fn_name(handler: Any) -> str:
-    matches = [name for name, fn in _TP_FUNCTIONS.items() if fn == handler]
+    matches = [name for name, fn in TP_FUNCTIONS.items() if fn == handler]
     if not matches:
         raise CompressionError("untraceable_model", f"no pruning function for {handler}")
     outs = [name for name in matches if name.endswith("_out_channels")]
@@ -364,32 +410,15 @@ def _fn_name(handler: Any) -> str:
 
 
 def _tied(model: nn.Module, members: list[Member], size: int) -> list[list[int]]:
-    """Union of units that share a position in every group of a grouped (not depthwise) conv."""
-    parent = list(range(size))
-
-    def find(unit: int) -> int:
-        while parent[unit] != unit:
-            parent[unit] = parent[parent[unit]]
-            unit = parent[unit]
-        return unit
-
+    """Units that share a position in every channel group of a grouped (not depthwise) conv: torch_pruning
+    keeps those positions together (the group count is the largest of the group's grouped convs)."""
+    counts = [1]
     for member in members:
         module = model.get_submodule(member.module)
-        groups = getattr(module, "groups", 1)
-        if not isinstance(module, nn.modules.conv._ConvNd) or groups == 1 or "depthwise" in member.fn:
-            continue
-        width = (module.out_channels if member.dim == "out" else module.in_channels) // groups
-        first: dict[int, int] = {}
-        for idx, unit in zip(member.idxs, member.units, strict=True):
-            position = idx % width
-            if position in first:
-                parent[find(unit)] = find(first[position])
-            else:
-                first[position] = unit
-    sets: dict[int, list[int]] = {}
-    for unit in range(size):
-        sets.setdefault(find(unit), []).append(unit)
-    return list(sets.values())
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups not in (1, module.out_channels):
+            counts.append(module.groups)
+    width = size // max(counts)
+    return [list(range(position, size, width)) for position in range(width)]
 
 
 # ---------------------------------------------------------------- transformer groups (HF layouts)
@@ -479,8 +508,20 @@ def build_transformer_groups(model: nn.Module, protected: Callable[[str], bool])
         if blocked:
             scan.skipped[group.name] = f"coupled to skipped layer '{blocked[0]}'"
         else:
+            group.tp = _tp_group(model, group.members)
             scan.groups.append(group)
     return scan
+
+
+def _tp_group(model: nn.Module, members: list[Member]) -> tp.dependency.Group:
+    """The members of a layout group as a torch_pruning `Group`, so its importance criteria can score it."""
+    group = tp.dependency.Group()
+    for member in members:
+        node = tp.dependency.Node(model.get_submodule(member.module), None, member.module)
+        fn = TP_FUNCTIONS[member.fn]
+        group.add_dep(tp.dependency.Dependency(fn, fn, source=node, target=node), list(member.idxs))
+        group[-1].root_idxs = list(member.units)
+    return group
 
 
 def _rows(count: int, per_unit: int) -> tuple[list[int], list[int]]:
@@ -527,132 +568,3 @@ def _mlp_group(model: nn.Module, layout: MlpLayout) -> ChannelGroup:
         return []
 
     return ChannelGroup(layout.name, "neurons", size, members, attrs=attrs)
-
-
-# ---------------------------------------------------------------- cost model (MACs and parameters)
-
-
-@dataclass
-class ModuleCost:
-    macs: float  # per sample, scales with kept-out x kept-in fractions
-    macs_out: float  # per sample, scales with the kept-out fraction only (attention matmuls)
-    weight: int  # scales with out x in (conv/linear) or out only (norms, depthwise, embeddings)
-    bias: int  # scales with out
-    out_size: int
-    in_size: int
-    two_sided: bool  # weight has separate out and in dimensions
-
-
-@dataclass
-class CostTable:
-    modules: dict[str, ModuleCost]
-    macs: float  # per sample, whole model
-    params: int
-
-    def estimate(self, removed: dict[tuple[str, str], int]) -> tuple[float, float]:
-        """(MACs, params) after removing `removed[(module, 'out'|'in')]` elements of each dimension."""
-        macs, params = self.macs, float(self.params)
-        for name, cost in self.modules.items():
-            fo = 1.0 - removed.get((name, "out"), 0) / max(cost.out_size, 1)
-            fi = 1.0 - removed.get((name, "in"), 0) / max(cost.in_size, 1) if cost.two_sided else 1.0
-            macs += cost.macs * (fo * fi - 1.0) + cost.macs_out * (fo - 1.0)
-            params += cost.weight * (fo * fi - 1.0) + cost.bias * (fo - 1.0)
-        return macs, params
-
-
-def count_params(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-@torch.no_grad()
-def measure_costs(model: nn.Module, batch: dict[str, Any]) -> CostTable:
-    """MACs per sample of every Conv/Linear (plus attention score/value matmuls) from one hooked forward."""
-    table: dict[str, ModuleCost] = {}
-    for name, module in model.named_modules():
-        cost = _static_cost(module)
-        if cost is not None:
-            table[name] = cost
-    q_layers = {layout.q for layout in attention_layouts(model)}
-    handles = []
-    for name, module in model.named_modules():
-        if name in table and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
-            handles.append(module.register_forward_hook(_mac_hook(table[name], name in q_layers)))
-    batch_size = _batch_size(batch)
-    try:
-        model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    for cost in table.values():
-        cost.macs /= batch_size
-        cost.macs_out /= batch_size
-    total = sum(c.macs + c.macs_out for c in table.values())
-    return CostTable(table, total, count_params(model))
-
-
-def _batch_size(batch: dict[str, Any]) -> int:
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-    return 1
-
-
-def _mac_hook(cost: ModuleCost, is_query: bool) -> Callable[..., None]:
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if isinstance(module, nn.Linear):
-            cost.macs += output.numel() * module.in_features
-            if is_query and output.dim() == 3:  # scores q·kᵀ and weights·v: 2·T·T·(heads·head_dim)
-                cost.macs_out += 2 * output.shape[0] * output.shape[1] ** 2 * output.shape[2]
-        else:
-            kernel = math.prod(module.kernel_size)
-            cost.macs += output.numel() * (module.in_channels // module.groups) * kernel
-
-    return hook
-
-
-def _static_cost(module: nn.Module) -> ModuleCost | None:
-    own = dict(module.named_parameters(recurse=False))
-    if not own:
-        return None
-    weight, bias = own.get("weight"), own.get("bias")
-    weight_n = weight.numel() if weight is not None else 0
-    bias_n = bias.numel() if bias is not None else 0
-    extra = sum(p.numel() for key, p in own.items() if key not in ("weight", "bias"))
-    if isinstance(module, nn.modules.conv._ConvNd):
-        depthwise = module.groups == module.out_channels and module.out_channels > 1
-        return ModuleCost(0.0, 0.0, weight_n, bias_n, module.out_channels, module.in_channels, not depthwise)
-    if isinstance(module, nn.Linear):
-        return ModuleCost(0.0, 0.0, weight_n, bias_n, module.out_features, module.in_features, True)
-    size = _channel_size(module)
-    if size is None or extra:
-        return None  # parameters of modules we never prune stay in the fixed part of the count
-    return ModuleCost(0.0, 0.0, weight_n, bias_n, size, size, False)
-
-
-def _channel_size(module: nn.Module) -> int | None:
-    if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        return module.num_features
-    if isinstance(module, nn.LayerNorm):
-        return module.normalized_shape[-1]
-    if isinstance(module, nn.GroupNorm):
-        return module.num_channels
-    if isinstance(module, nn.PReLU):
-        return module.num_parameters
-    if isinstance(module, nn.Embedding):
-        return module.embedding_dim
-    return None
-
-
-def removed_counts(groups: list[ChannelGroup], removals: list[list[int]]) -> dict[tuple[str, str], int]:
-    """Elements removed per (module, dimension) when each group drops its listed units."""
-    counts: dict[tuple[str, str], int] = {}
-    for group, removed in zip(groups, removals, strict=True):
-        if not removed:
-            continue
-        mask = torch.zeros(group.size, dtype=torch.bool)
-        mask[torch.as_tensor(removed, dtype=torch.long)] = True
-        for member in group.members:
-            hit = int(mask[torch.as_tensor(member.units, dtype=torch.long)].sum())
-            key = (member.module, member.dim)
-            counts[key] = counts.get(key, 0) + hit
-    return counts

@@ -1,209 +1,164 @@
-"""Importance criteria for structured pruning: small strategy objects that score every unit of a group.
+"""Importance criteria for structured pruning: Torch-Pruning importance objects plus a name and notes.
 
-Each criterion scores the elements of every group member (a module dimension), sums them per unit,
-normalizes each member's scores to mean 1 and averages the members covering a unit, so that units of
-different groups are comparable in a global ranking. Higher = more important = kept.
-
-- `MagnitudeImportance(p)`: Σ|w|^p of the weight slice (L1: p=1, L2: p=2); BatchNorm/LayerNorm: |γ|^p.
-- `BNScaleImportance`: |γ| of the BatchNorm layers in the group (Network Slimming); groups without
-  BatchNorm fall back to L1.
-- `TaylorImportance`: first-order Taylor |w·∂L/∂w| summed over the slice, gradients of the task loss
-  (cross-entropy on the calibration labels) accumulated over calibration batches. BatchNorm γ and β are
-  included (torch_pruning 1.6.1's Taylor skips BatchNorm). Needs labels: without them it falls back
-  to the activation criterion and says so.
-- `ActivationImportance`: for layers reading the units, ‖X_c‖₂·‖W[:, c]‖₂ (the unit's contribution to
-  the next layer, as in Wanda); for BatchNorm/LayerNorm outputs, mean |y_c|; else mean |output|.
+A criterion, called on a torch_pruning `Group`, returns one score per unit of the group's root layer
+(higher = kept), so `MetaPruner` ranks with it directly; `prepare(model, calib)` collects what scoring
+needs before a step, `release(model)` drops it. Each layer's scores are scaled to mean 1 before the
+group reduction, so layers of different scale count equally.
+- "l1"/"l2": torch_pruning's group magnitude Σ|w|^p; "bn_scale": its BatchNorm |γ| (Network Slimming),
+  L1 for groups without BatchNorm; "taylor": its first-order |w·∂L/∂w| with gradients of the
+  cross-entropy on the calibration labels (without labels: the activation criterion).
+- "activation" (no torch_pruning equivalent): ‖X_c‖₂·‖W[:, c]‖₂ for layers reading the unit (its
+  contribution to the next layer, as in Wanda), mean |y_c| for norm outputs and unread layers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any
 
 import torch
+import torch_pruning as tp
 from torch import nn
+from torch_pruning.pruner import function as tp_function
 
-from compression.primitives.depgraph import ChannelGroup, Member
+from compression.primitives.depgraph import ChannelGroup
 from compression.types import Batches, primary_output
 
 _NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
+_WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
+_IN_FUNCTIONS = (tp_function.prune_linear_in_channels, tp_function.prune_conv_in_channels)
+_Stats = tuple[torch.Tensor, torch.Tensor]
 
 
-class Importance(Protocol):
-    name: str
-    notes: list[str]
+class Criterion:
+    """What modelpress adds to a torch_pruning importance: a config name, report notes, set-up and tear-down."""
 
-    def __call__(self, model: nn.Module, groups: Sequence[ChannelGroup], calib: Batches | None) -> list[torch.Tensor]:
-        """One score vector of length `group.size` per group."""
-        ...
+    name: str = ""
 
+    def prepare(self, model: nn.Module, calib: Batches) -> None:
+        """Collect what scoring needs before a pruning step (nothing for weight-only criteria)."""
 
-def slice_along(tensor: torch.Tensor, member: Member, module: nn.Module) -> torch.Tensor:
-    """Rows of `tensor` (a weight-shaped tensor) for `member.idxs`, flattened: [len(idxs), -1]."""
-    idxs = torch.as_tensor(member.idxs, dtype=torch.long)
-    if member.dim == "out" or tensor.dim() == 1:
-        if isinstance(module, nn.Embedding):
-            return tensor[:, idxs].t().reshape(len(member.idxs), -1)
-        return tensor[idxs].reshape(len(member.idxs), -1)
-    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
-        idxs = idxs % tensor.shape[1]
-    return tensor[:, idxs].transpose(0, 1).reshape(len(member.idxs), -1)
-
-
-def to_units(member: Member, element_scores: torch.Tensor, size: int) -> torch.Tensor:
-    """Per-unit sums of a member's element scores; NaN for units the member does not cover."""
-    units = torch.as_tensor(member.units, dtype=torch.long)
-    scores = torch.zeros(size, dtype=torch.float64).index_add_(0, units, element_scores.double())
-    covered = torch.zeros(size, dtype=torch.bool)
-    covered[units] = True
-    return scores.masked_fill(~covered, float("nan"))
-
-
-def combine(size: int, per_member: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over members of member scores normalized to mean 1 over the units each member covers."""
-    total = torch.zeros(size, dtype=torch.float64)
-    covered = torch.zeros(size, dtype=torch.float64)
-    for scores in per_member:
-        present = ~scores.isnan()
-        mean = scores[present].mean() if present.any() else torch.tensor(0.0, dtype=torch.float64)
-        if mean <= 0:
-            continue
-        total += torch.nan_to_num(scores / mean, nan=0.0)
-        covered += present.double()
-    return (total / covered.clamp_min(1.0)).float()
-
-
-def _weighted_scores(
-    model: nn.Module, group: ChannelGroup, element_fn: Callable[[nn.Module, Member], torch.Tensor | None]
-) -> torch.Tensor:
-    per_member = []
-    for member in group.members:
-        module = model.get_submodule(member.module)
-        scores = element_fn(module, member)
-        if scores is not None:
-            per_member.append(to_units(member, scores, group.size))
-    return combine(group.size, per_member)
-
-
-@dataclass
-class MagnitudeImportance:
-    p: int = 1
-    notes: list[str] = field(default_factory=list)
+    def release(self, model: nn.Module) -> None:
+        """Drop what `prepare` collected."""
 
     @property
-    def name(self) -> str:
-        return f"l{self.p}"
-
-    @torch.no_grad()
-    def __call__(self, model: nn.Module, groups: Sequence[ChannelGroup], calib: Batches | None) -> list[torch.Tensor]:
-        return [_weighted_scores(model, group, self._element_scores) for group in groups]
-
-    def _element_scores(self, module: nn.Module, member: Member) -> torch.Tensor | None:
-        weight = getattr(module, "weight", None)
-        if not isinstance(weight, torch.Tensor):
-            return None
-        return slice_along(weight.detach().abs().pow(self.p), member, module).sum(1)
+    def notes(self) -> list[str]:
+        return []
 
 
-@dataclass
-class BNScaleImportance:
-    name: str = "bn_scale"
-    notes: list[str] = field(default_factory=list)
+class _LayersWeighedEqually:
+    """Scales each layer's scores to mean 1 before torch_pruning's group reduction: a residual group couples
+    many layers, and without this the layers with the largest weights alone decide what goes."""
 
-    @torch.no_grad()
-    def __call__(self, model: nn.Module, groups: Sequence[ChannelGroup], calib: Batches | None) -> list[torch.Tensor]:
-        fallback = MagnitudeImportance(1)
-        scores, without_bn = [], 0
-        for group in groups:
-            bns = [
-                m for m in group.members if isinstance(model.get_submodule(m.module), nn.modules.batchnorm._BatchNorm)
-            ]
-            if not bns:
-                without_bn += 1
-                scores.append(fallback(model, [group], None)[0])
-                continue
-            per_member = [
-                to_units(m, model.get_submodule(m.module).weight.detach().abs()[m.idxs], group.size) for m in bns
-            ]
-            scores.append(combine(group.size, per_member))
-        if without_bn:
-            self.notes.append(f"bn_scale: {without_bn} group(s) without BatchNorm were scored by L1 magnitude")
-        return scores
+    def _reduce(self, group_imp: list[torch.Tensor], group_idxs: list[list[int]]) -> Any:
+        scaled = [imp / imp.mean() if imp.numel() and imp.mean() > 0 else imp for imp in group_imp]
+        return super()._reduce(scaled, group_idxs)  # type: ignore[misc]
 
 
-@dataclass
-class TaylorImportance:
-    max_batches: int = 16
-    name: str = "taylor"
-    notes: list[str] = field(default_factory=list)
-
-    def __call__(self, model: nn.Module, groups: Sequence[ChannelGroup], calib: Batches | None) -> list[torch.Tensor]:
-        if calib is None or not calib.labels:
-            self.notes.append("taylor: calibration batches have no labels; used the activation criterion instead")
-            return ActivationImportance(self.max_batches)(model, groups, calib)
-        grads = _loss_gradients(model, calib, self.max_batches)
-        with torch.no_grad():
-            return [_weighted_scores(model, group, lambda m, mem: _taylor(m, mem, grads)) for group in groups]
+class MagnitudeImportance(Criterion, _LayersWeighedEqually, tp.importance.GroupMagnitudeImportance):
+    def __init__(self, p: int = 1) -> None:
+        super().__init__(p=p)
+        self.name = f"l{p}"
 
 
-def _loss_gradients(model: nn.Module, calib: Batches, max_batches: int) -> dict[int, torch.Tensor]:
-    params = [p for p in model.parameters()]
-    saved = [p.requires_grad for p in params]
-    for p in params:
-        p.requires_grad_(True)
-        p.grad = None
-    model.eval()
-    try:
+class BNScaleImportance(Criterion, _LayersWeighedEqually, tp.importance.BNScaleImportance):
+    name = "bn_scale"
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.without_bn: set[int] = set()
+
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        scores = super().__call__(group)
+        if scores is not None:
+            return scores
+        self.without_bn.add(id(group[0].dep.target.module))
+        return MagnitudeImportance(1)(group)
+
+    @property
+    def notes(self) -> list[str]:
+        count = len(self.without_bn)
+        return [f"bn_scale: {count} group(s) without BatchNorm were scored by L1 magnitude"] if count else []
+
+
+class TaylorImportance(Criterion, _LayersWeighedEqually, tp.importance.GroupTaylorImportance):
+    name = "taylor"
+
+    def __init__(self, max_batches: int = 16) -> None:
+        super().__init__()
+        self.max_batches = max_batches
+        self.fallback: ActivationImportance | None = None
+        self.saved: list[tuple[nn.Parameter, bool]] = []
+
+    def prepare(self, model: nn.Module, calib: Batches) -> None:
+        if not calib.labels:
+            self.fallback = self.fallback or ActivationImportance(self.max_batches)
+            self.fallback.prepare(model, calib)
+            return
+        self.saved = [(p, p.requires_grad) for p in model.parameters()]
+        for param, _ in self.saved:
+            param.requires_grad_(True)
+            param.grad = None
+        model.eval()
         with torch.enable_grad():
-            for batch, labels in list(zip(calib.inputs, calib.labels or [], strict=False))[:max_batches]:
+            for batch, labels in list(zip(calib.inputs, calib.labels, strict=False))[: self.max_batches]:
                 logits = primary_output(model(**batch))
                 nn.functional.cross_entropy(logits.float().flatten(0, -2), labels.flatten().long()).backward()
-        return {id(p): p.grad.detach().clone() for p in params if p.grad is not None}
-    finally:
-        for p, flag in zip(params, saved, strict=True):
-            p.grad = None
-            p.requires_grad_(flag)
+
+    def release(self, model: nn.Module) -> None:
+        if self.fallback:
+            self.fallback.release(model)
+        for param, flag in self.saved:
+            param.grad = None
+            param.requires_grad_(flag)
+        self.saved = []
+
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        return self.fallback(group) if self.fallback else super().__call__(group)
+
+    @property
+    def notes(self) -> list[str]:
+        note = "taylor: calibration batches have no labels; used the activation criterion instead"
+        return [note] if self.fallback else []
 
 
-def _taylor(module: nn.Module, member: Member, grads: dict[int, torch.Tensor]) -> torch.Tensor | None:
-    scores = None
-    names = ("weight", "bias") if isinstance(module, _NORMS) else ("weight",)
-    for name in names:
-        param = getattr(module, name, None)
-        if not isinstance(param, torch.Tensor) or id(param) not in grads:
-            continue
-        part = slice_along((param.detach() * grads[id(param)]).abs(), member, module).sum(1)
-        scores = part if scores is None else scores + part
-    return scores
+class ActivationImportance(Criterion, tp.importance.Importance):
+    name = "activation"
 
+    def __init__(self, max_batches: int = 16) -> None:
+        self.max_batches = max_batches
+        self.stats: dict[nn.Module, _Stats] = {}
 
-@dataclass
-class ActivationImportance:
-    max_batches: int = 16
-    name: str = "activation"
-    notes: list[str] = field(default_factory=list)
+    def prepare(self, model: nn.Module, calib: Batches) -> None:
+        self.stats = _activation_stats(model, calib, self.max_batches)
+
+    def release(self, model: nn.Module) -> None:
+        self.stats = {}
 
     @torch.no_grad()
-    def __call__(self, model: nn.Module, groups: Sequence[ChannelGroup], calib: Batches | None) -> list[torch.Tensor]:
-        if calib is None or len(calib) == 0:
-            self.notes.append("activation: no calibration data; used L2 magnitude instead")
-            return MagnitudeImportance(2)(model, groups, None)
-        wanted = {member.module for group in groups for member in group.members}
-        stats = _activation_stats(model, calib, wanted, self.max_batches)
-        scores = []
-        for group in groups:
-            has_reader = any(member.dim == "in" for member in group.members)
-            scores.append(_weighted_scores(model, group, lambda m, mem, r=has_reader: _activation(m, mem, r, stats)))
-        return scores
+    def __call__(self, group: Any) -> torch.Tensor | None:
+        has_reader = any(dep.handler in _IN_FUNCTIONS for dep, _ in group)
+        parts = [
+            (scores, item.root_idxs)
+            for item in group
+            if (scores := self._member_scores(item.dep.target.module, item.dep.handler, item.idxs, has_reader))
+            is not None
+        ]
+        return _mean_of_normalized(_unit_count(group), parts) if parts else None
 
-
-@dataclass
-class _ChannelStats:
-    input_sq: torch.Tensor | None = None  # Σ x_c² over samples, per input channel
-    output_abs: torch.Tensor | None = None  # Σ |y_c|, per output channel
-    count_in: int = 0
-    count_out: int = 0
+    def _member_scores(self, module: Any, fn: Any, idxs: list[int], has_reader: bool) -> torch.Tensor | None:
+        if not isinstance(module, nn.Module) or module not in self.stats:
+            return None
+        mean_square_in, mean_abs_out = self.stats[module]
+        index = torch.as_tensor(idxs, dtype=torch.long)
+        if fn in _IN_FUNCTIONS:
+            if getattr(module, "groups", 1) > 1:
+                return None
+            column = module.weight.detach().double().pow(2).transpose(0, 1).flatten(1).sum(1).sqrt()
+            return (mean_square_in.sqrt() * column)[index]
+        if isinstance(module, _NORMS) or (isinstance(module, _WEIGHTED) and not has_reader):
+            return mean_abs_out[index]
+        return None
 
 
 def _channel_last(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
@@ -214,21 +169,18 @@ def _channel_last(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
     return tensor.reshape(-1, tensor.shape[-1]).double()
 
 
-def _activation_stats(model: nn.Module, calib: Batches, wanted: set[str], max_batches: int) -> dict[str, _ChannelStats]:
-    stats = {name: _ChannelStats() for name in wanted}
+@torch.no_grad()
+def _activation_stats(model: nn.Module, calib: Batches, max_batches: int) -> dict[nn.Module, _Stats]:
+    """(mean x_c² of the input, mean |y_c| of the output) per channel of every weighted and norm layer."""
+    sums: dict[nn.Module, list[Any]] = {}
 
-    def hook_for(name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-            record = stats[name]
-            x, y = _channel_last(args[0], module), _channel_last(output, module)
-            record.input_sq = x.pow(2).sum(0) + (record.input_sq if record.input_sq is not None else 0)
-            record.output_abs = y.abs().sum(0) + (record.output_abs if record.output_abs is not None else 0)
-            record.count_in += x.shape[0]
-            record.count_out += y.shape[0]
+    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
+        x, y = _channel_last(args[0], module), _channel_last(output, module)
+        total = sums.setdefault(module, [0.0, 0, 0.0, 0])
+        total[0], total[1] = total[0] + x.pow(2).sum(0), total[1] + x.shape[0]
+        total[2], total[3] = total[2] + y.abs().sum(0), total[3] + y.shape[0]
 
-        return hook
-
-    handles = [model.get_submodule(name).register_forward_hook(hook_for(name)) for name in wanted]
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _WEIGHTED + _NORMS)]
     model.eval()
     try:
         for batch in calib.inputs[:max_batches]:
@@ -236,31 +188,42 @@ def _activation_stats(model: nn.Module, calib: Batches, wanted: set[str], max_ba
     finally:
         for handle in handles:
             handle.remove()
-    return stats
+    return {module: (t[0] / t[1], t[2] / t[3]) for module, t in sums.items()}
 
 
-def _activation(
-    module: nn.Module, member: Member, has_reader: bool, stats: dict[str, _ChannelStats]
-) -> torch.Tensor | None:
-    record = stats.get(member.module)
-    if record is None or record.output_abs is None or record.input_sq is None:
-        return None
-    idxs = torch.as_tensor(member.idxs, dtype=torch.long)
-    weighted = isinstance(module, nn.Linear | nn.modules.conv._ConvNd)
-    if member.dim == "in" and weighted:
-        if getattr(module, "groups", 1) > 1:
-            return None
-        rms = (record.input_sq / max(record.count_in, 1)).sqrt()
-        column = slice_along(module.weight.detach().double().pow(2), member, module).sum(1).sqrt()
-        return rms[idxs] * column
-    if isinstance(module, _NORMS) or (weighted and not has_reader):
-        return (record.output_abs / max(record.count_out, 1))[idxs]
-    return None
+def _unit_count(group: Any) -> int:
+    return 1 + max(int(r) for item in group for r in item.root_idxs if r is not None)
 
 
-def make_importance(name: str) -> Importance:
+def _mean_of_normalized(size: int, parts: list[tuple[torch.Tensor, list[int]]]) -> torch.Tensor:
+    """Per unit: the mean over layers of that layer's unit sums, each layer normalized to mean 1."""
+    total = torch.zeros(size, dtype=torch.float64)
+    covered = torch.zeros(size, dtype=torch.float64)
+    for scores, roots in parts:
+        units = torch.as_tensor(roots, dtype=torch.long)
+        sums = torch.zeros(size, dtype=torch.float64).index_add_(0, units, scores.double())
+        present = torch.zeros(size, dtype=torch.float64).index_fill_(0, units, 1.0)
+        mean = sums.sum() / present.sum()
+        if mean > 0:
+            total += sums / mean
+            covered += present
+    return (total / covered.clamp_min(1.0)).float()
+
+
+def score_groups(criterion: Criterion, groups: Sequence[ChannelGroup]) -> list[torch.Tensor]:
+    """One score per unit of every group, each group's scores normalized to mean 1 (uniform when unscored)."""
+    scores = []
+    for group in groups:
+        raw = criterion(group.tp)
+        unit = torch.ones(group.size) if raw is None else raw.detach().float().cpu()[: group.size]
+        mean = unit.mean()
+        scores.append(unit / mean if mean > 0 else torch.ones(group.size))
+    return scores
+
+
+def make_importance(name: str) -> Criterion:
     """The criterion for a config value: "l1" | "l2" | "bn_scale" | "taylor" | "activation"."""
-    factories: dict[str, Callable[[], Importance]] = {
+    factories: dict[str, Callable[[], Criterion]] = {
         "l1": lambda: MagnitudeImportance(1),
         "l2": lambda: MagnitudeImportance(2),
         "bn_scale": BNScaleImportance,

@@ -17,8 +17,8 @@ from torch import nn
 from compression.configs import PruneStructuredConfig
 from compression.errors import CompressionError
 from compression.methods.prune_structured import compress, prune_structured
-from compression.primitives.depgraph import apply_pruning_history, build_cnn_groups
-from compression.primitives.importance import MagnitudeImportance, make_importance
+from compression.primitives.depgraph import apply_pruning_history, build_cnn_groups, prune_cnn_groups
+from compression.primitives.importance import MagnitudeImportance, make_importance, score_groups
 from compression.types import Batches
 
 
@@ -260,11 +260,26 @@ def test_l1_importance_keeps_the_largest_filters() -> None:
         model[0].weight.copy_(torch.arange(16, dtype=torch.float32).view(16, 1, 1, 1).expand(16, 1, 3, 3))
         model[3].weight.fill_(1.0)
     scan = build_cnn_groups(model, {"input": torch.randn(2, 1, 8, 8)}, lambda name: False)
-    scores = MagnitudeImportance(1)(model, scan.groups, None)[0]
+    scores = score_groups(MagnitudeImportance(1), scan.groups)[0]
     assert torch.equal(scores.argsort(), torch.arange(16))
     calib = Batches([{"input": torch.randn(2, 1, 8, 8)}])
     result = compress(model, calib, _config(target={"metric": "ratio", "reduction": 0.5}))
     assert result.stats["pruning_history"]["steps"][0]["removed"] == list(range(8))
+
+
+def test_metapruner_removes_the_lowest_scored_tied_sets_of_each_group() -> None:
+    model, calib = _mixed_net(), _random_batches()
+    scan = build_cnn_groups(model, calib.inputs[0], lambda name: False)
+    criterion = make_importance("l2")
+    scores = dict(zip((group.name for group in scan.groups), score_groups(criterion, scan.groups), strict=True))
+    keeps = [group.size - len(group.tied[0]) * (len(group.tied) // 2) for group in scan.groups]
+    steps = prune_cnn_groups(model, calib.inputs[0], scan, keeps, criterion)
+    assert len(steps) == len(scan.groups)
+    for group in scan.groups:  # grouped convs: a position goes in all four groups at once
+        ranked = sorted(group.tied, key=lambda units: float(scores[group.name][units].mean()))
+        expected = sorted(unit for units in ranked[: len(group.tied) // 2] for unit in units)
+        assert next(step["removed"] for step in steps if step["group"] == group.name) == expected, group.name
+    assert model(**calib.inputs[0]).shape == (8, 10)
 
 
 def test_latency_target_uses_the_hook() -> None:
