@@ -17,6 +17,7 @@ from app.core.queue import get_celery
 from app.core.settings import get_settings
 from app.db import crud
 from app.db.session import get_engine, session_scope
+from workers.pipeline import sweep_orphaned_temp_dirs
 
 celery_app = get_celery()
 celery_app.conf.update(include=["workers.tasks"])
@@ -24,6 +25,7 @@ app = celery_app
 log = logging.getLogger(__name__)
 _stop = threading.Event()
 TEMP_SWEEP_INTERVAL_S = 60.0
+_detected: dict[str, str] = {}
 
 
 def _device() -> str:
@@ -38,7 +40,7 @@ def _device() -> str:
 def _beat(name: str, queues: str) -> None:
     """The worker's heartbeat row; also sweeps job temp dirs left by killed runs, at start and then every
     TEMP_SWEEP_INTERVAL_S (a pool child SIGKILLed mid-job is replaced without the worker restarting)."""
-    device = _device()
+    device = _detected.get("device", "cpu")
     last_sweep = -TEMP_SWEEP_INTERVAL_S
     while True:
         if time.monotonic() - last_sweep >= TEMP_SWEEP_INTERVAL_S:
@@ -64,6 +66,10 @@ def _export_node_name(sender: object = None, **_: object) -> None:
     name = getattr(sender, "hostname", None)
     if name:
         os.environ["MODELPRESS_WORKER_NODE"] = name
+    # Imports torch here, on the main thread before any fork. Importing it in the heartbeat thread raced
+    # with billiard re-forking a SIGKILLed pool child: the child inherited torch's import lock held and
+    # hung forever on its first `import compression.job`.
+    _detected["device"] = _device()
 
 
 @worker_process_init.connect
@@ -80,8 +86,6 @@ def _start_heartbeat(sender: object = None, **_: object) -> None:
 
 
 def _sweep_temp_dirs() -> None:
-    from workers.pipeline import sweep_orphaned_temp_dirs
-
     try:
         removed = sweep_orphaned_temp_dirs()
     except Exception:

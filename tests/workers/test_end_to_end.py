@@ -364,3 +364,31 @@ def test_cancel_seen_by_the_library_ends_cancelled_not_failed(  # type: ignore[n
     run_claimed_job(job_id, worker_host())
     job = api.get(f"/v1/jobs/{job_id}").json()
     assert (job["status"], job["stage"], job["error"]) == ("cancelled", "cancelled", None), job
+
+
+def pool_children(worker: subprocess.Popen[bytes]) -> list[int]:
+    """The worker's pool processes; billiard re-forks them from a helper thread, so read every thread's."""
+    found = []
+    for task in Path(f"/proc/{worker.pid}/task").glob("*"):
+        found += [int(pid) for pid in (task / "children").read_text().split()]
+    return found
+
+
+@pytest.mark.parametrize("deployment", DEPLOYMENTS, indirect=True)
+def test_sigkilled_pool_process_is_replaced_and_the_worker_keeps_working(  # type: ignore[no-untyped-def]
+    service_env, make_api, deployment, workers, tmp_path
+) -> None:
+    """Only the pool child dies (the worker lives on and forks a new one, right after its start)."""
+    service_env(**deployment, **CHAOS_ENV, MODELPRESS_MAX_ATTEMPTS="2")
+    api = make_api()
+    model_id, dataset_id = upload_inputs(api, tmp_path)
+    worker = workers.start("main")
+    job_id = submit(api, model_id, dataset_id)
+    wait_for(api, job_id, lambda j: j["status"] == "running", 120, workers)
+    for pid in pool_children(worker):
+        os.kill(pid, signal.SIGKILL)
+    later = submit(api, model_id, dataset_id, bits=8)
+    job = wait_for(api, job_id, finished, 120, workers)
+    assert (job["status"], job["attempts"]) == ("succeeded", 2), job
+    assert wait_for(api, later, finished, 120, workers)["status"] == "succeeded"
+    assert worker.poll() is None
