@@ -84,8 +84,9 @@ def _is_cancellation(exc: Exception) -> bool:
 def sweep_orphaned_temp_dirs(temp_root: Path | None = None) -> list[Path]:
     """Remove job temp dirs a killed worker left behind (no `finally` runs on SIGKILL).
 
-    A dir is kept only while its job is running in the live process of this host that made it; any
-    other state (finished, requeued, running again in another process or elsewhere) orphans it.
+    A dir whose process is dead is removed. A live process's dir is removed only when this database
+    knows its job and that job is not running in that process (finished, requeued, running elsewhere);
+    a job this database does not know belongs to another service sharing the temp dir, and stays.
     """
     root = temp_root or Path(tempfile.gettempdir())
     dirs = {path: match for path in root.iterdir() if (match := TEMP_DIR.match(path.name)) and path.is_dir()}
@@ -94,7 +95,8 @@ def sweep_orphaned_temp_dirs(temp_root: Path | None = None) -> list[Path]:
         for path, match in dirs.items():
             job = session.get(Job, match["job"])
             owner = f"{socket.gethostname()}:{match['pid']}"
-            if job is None or job.status != "running" or job.worker_host != owner or not _alive(int(match["pid"])):
+            ours_elsewhere = job is not None and (job.status != "running" or job.worker_host != owner)
+            if ours_elsewhere or not _alive(int(match["pid"])):
                 shutil.rmtree(path, ignore_errors=True)
                 removed.append(path)
     return removed

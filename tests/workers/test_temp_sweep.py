@@ -54,13 +54,16 @@ def test_sweep_removes_dirs_of_jobs_not_running_in_a_live_local_process(service_
         job_dir(root, status="succeeded", worker_host=f"{here}:{os.getpid()}"),
         job_dir(root, status="running", worker_host=f"another-host:{os.getpid()}"),
     ]
-    unknown = root / f"{job_temp_prefix(uuid.uuid4().hex)}xyz"
-    unknown.mkdir()
+    # a job this database does not know: another service sharing /tmp, kept while its process lives
+    foreign_live = root / f"{job_temp_prefix(uuid.uuid4().hex)}xyz"
+    foreign_dead = root / f"{job_temp_prefix(uuid.uuid4().hex)}xyz".replace(f"-{os.getpid()}-", f"-{gone}-")
+    for path in (foreign_live, foreign_dead):
+        path.mkdir()
     unrelated = [root / "modelpress-notajob", root / "other"]
     for path in unrelated:
         path.mkdir()
 
     removed = sweep_orphaned_temp_dirs(root)
-    assert sorted(removed) == sorted([*orphans, unknown])
-    assert live.is_dir() and all(path.is_dir() for path in unrelated)
+    assert sorted(removed) == sorted([*orphans, foreign_dead])
+    assert live.is_dir() and foreign_live.is_dir() and all(path.is_dir() for path in unrelated)
     assert not any(path.exists() for path in orphans)
