@@ -63,3 +63,29 @@ def test_min_speedup_gate_judges_the_interval_lower_bound() -> None:
     sure = check_gate(gate, {"latency": {"speedup": 1.5, "speedup_ci95": [1.3, 1.7]}})
     assert sure["verdict"] == "pass"
     assert check_gate(gate, {"latency": {"speedup": 1.5}})["verdict"] == "fail"  # no interval: not proven
+
+
+def test_w4_conv_job_reports_an_interval_holding_one_and_the_threads(tmp_path: Path) -> None:
+    # W4 conv weights are dequantized in the graph and constant-folded by ORT: the compute is unchanged.
+    # Random images: only latency is asserted here, which does not depend on the pixel values.
+    from compression.job import JobSpec, run_job
+    from compression.zoo.fmnist_resnet import export_fmnist_onnx
+
+    generator = torch.Generator().manual_seed(0)
+    np.savez(tmp_path / "eval.npz", input=torch.randn(64, 1, 28, 28, generator=generator).numpy())
+    np.savez(tmp_path / "calib.npz", input=torch.randn(32, 1, 28, 28, generator=generator).numpy())
+    spec = JobSpec(
+        export_fmnist_onnx(tmp_path / "resnet.onnx"), "quant_rtn", {"bits": 4, "group_size": None},
+        tmp_path / "calib.npz", tmp_path / "eval.npz", {"min_speedup": 1.0}, tmp_path / "work",
+        benchmark_budget_s=0.5, benchmark_threads=1,
+    )  # fmt: skip
+    report = run_job(spec, progress=lambda *_: None, should_cancel=lambda: False).report
+    latency = report["latency"]
+    assert latency["threads"] == {"intra_op": 1, "inter_op": 1} and latency["original"]["threads"] == 1
+    for batch, row in latency["by_batch"].items():
+        assert row["speedup_ci95"][0] <= 1.0 <= row["speedup_ci95"][1], f"batch {batch}: {row}"
+    assert latency["speedup_ci95"] == latency["by_batch"]["1"]["speedup_ci95"] and latency["significant"] is False
+    check = report["gate"]["checks"][0]
+    assert check["measured"] == latency["speedup_ci95"][0] and check["point"] == latency["speedup"]
+    assert set(latency["load"]) == {"cores", "load_1m_start", "load_1m_end", "busy"}
+    assert latency["load"]["busy"] == bool(latency["notes"])
