@@ -212,11 +212,28 @@ def render_pruning(data: dict[str, Any]) -> str:
     return f"{head}\n\n{cnn}\n\n{tail}\n\n{encoder}"
 
 
+def render_verdict(data: dict[str, Any]) -> str:
+    """One section per part of benchmarks/verdict.py (latency; reported vs re-measured metrics), then the notes."""
+    blocks = []
+    latency = data.get("latency")
+    if latency:
+        overlap = ", ".join(f"batch {b}: {'yes' if ok else 'no'}" for b, ok in latency["intervals_overlap"].items())
+        job = json.dumps(latency["job"])
+        head = f"Speedup of the same job run {data['runs']} times (`{job}`); intervals overlap: {overlap}."
+        blocks.append(head + "\n\n" + markdown_table(latency["table"]["columns"], latency["table"]["rows"]))
+    for name, section in data.items():
+        if name != "latency" and isinstance(section, dict) and section.get("table"):
+            blocks.append(markdown_table(section["table"]["columns"], section["table"]["rows"]))
+    blocks += ["\n".join(f"- {note}" for note in data["notes"])] if data.get("notes") else []
+    return "\n\n".join(blocks) or "_no table in results_"
+
+
 RENDERERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "service": render_service,
     "data_free": render_data_free,
     "mixed_precision": render_mixed_precision,
     "pruning": render_pruning,
+    "verdict": render_verdict,
 }
 
 

@@ -294,6 +294,11 @@ class Gate(_Inert):
 
     max_metric_drop: float | None = Field(None, ge=0, description="Largest allowed drop of the task metric.")
     drop_is_relative: bool = Field(False, description="Drop as a fraction of the original metric.")
-    min_speedup: float | None = Field(None, gt=0, description="Original latency / compressed latency, at least.")
+    min_speedup: float | None = Field(
+        None,
+        gt=0,
+        description="Original / compressed median latency at the smallest batch; judged on the lower bound of "
+        "its 95% interval.",
+    )
     max_size_bytes: int | None = Field(None, gt=0)
     min_fraction_at_target_bits: float | None = Field(None, ge=0, le=1)

@@ -132,6 +132,7 @@ def _run(job_id: str, work_dir: Path, reporter: JobReporter) -> Any:
         evaluation_samples=settings.evaluation_max_samples,
         seq_len=settings.seq_len,
         benchmark_budget_s=settings.benchmark_budget_s,
+        benchmark_threads=settings.benchmark_threads,
         max_memory_bytes=settings.resolved_job_max_memory_bytes,
         archive_limits=settings.archive_limits,
         **spec_fields,

@@ -55,6 +55,9 @@ class Settings(BaseSettings):
     evaluation_max_samples: int = Field(10_000, ge=1, description="Evaluation samples a job uses at most.")
     seq_len: int = Field(512, ge=8, description="Token window for text data.")
     benchmark_budget_s: float = Field(10.0, gt=0, description="ONNX Runtime timing budget per model and batch.")
+    benchmark_threads: int | None = Field(
+        None, ge=1, description="ONNX Runtime intra-op threads when timing both models (unset: min(4, cores))."
+    )
     webhook_allow_private_targets: bool = Field(
         False,
         description="Allow webhook targets on loopback, private, link-local and other non-public addresses "

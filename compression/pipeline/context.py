@@ -41,8 +41,9 @@ class JobSpec:
     evaluation_samples: int = 10_000
     batch_size: int = 64
     seq_len: int = 512
-    benchmark_repeats: int = 30
-    benchmark_budget_s: float = 10.0  # wall-time cap per model and batch size; repeats shrink to fit
+    benchmark_repeats: int = 2000  # most interleaved rounds (one call of each model) per batch size
+    benchmark_budget_s: float = 10.0  # wall-time cap per model and batch size; rounds shrink to fit
+    benchmark_threads: int | None = None  # ORT intra-op threads for timing; None: min(4, cores)
     onnx_accuracy_level: int = 0  # MatMulNBits: 0 exact fp32 activations, 4 int8 activations (faster, lossy)
     max_memory_bytes: int | None = None  # the worker's per-job limit: a larger pre-flight estimate is refused
     archive_limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # uploads unpack within these

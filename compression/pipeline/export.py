@@ -7,7 +7,7 @@ from typing import Any
 
 from compression.configs import MethodConfigBase
 from compression.errors import CompressionError
-from compression.evaluate import ort_latency
+from compression.evaluate.latency import paired_latency
 from compression.io import ExportOptions, LoadedModel, export_artifacts, verify_onnx
 from compression.io.export import sha256_file, write_onnx
 from compression.io.hf import export_hf_dir
@@ -71,21 +71,15 @@ def _latency_pair(
     original: Path, compressed: Path, eval_data: Batches, spec: JobSpec, batch_sizes: tuple[int, ...]
 ) -> dict[str, Any]:
     feeds = {name: t.numpy() for name, t in example(eval_data, max(batch_sizes)).items()}
-    timing = {"repeats": spec.benchmark_repeats, "budget_s": spec.benchmark_budget_s, "batch_sizes": batch_sizes}
-    before = ort_latency(original, feeds, **timing)
-    after = ort_latency(compressed, feeds, **timing)
-    speedups = {
-        batch: before["batches"][batch]["median_ms"] / after["batches"][batch]["median_ms"]
-        for batch in before["batches"]
-        if batch in after["batches"] and after["batches"][batch]["median_ms"] > 0
-    }
-    first = min(speedups, key=int) if speedups else None
-    return {
-        "original": before,
-        "compressed": after,
-        "speedup_by_batch": speedups,
-        "speedup": speedups.get(first),
-    }
+    return paired_latency(
+        original,
+        compressed,
+        feeds,
+        threads=spec.benchmark_threads,
+        batch_sizes=batch_sizes,
+        budget_s=spec.benchmark_budget_s,
+        max_rounds=spec.benchmark_repeats,
+    )
 
 
 def _baseline_onnx(loaded: LoadedModel, eval_data: Batches, spec: JobSpec) -> Path:

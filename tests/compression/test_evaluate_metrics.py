@@ -172,7 +172,7 @@ def test_ort_latency_reports_each_batch(tmp_path: Path) -> None:
 def _report(drop: float, original: float, speedup: float | None, size: int) -> dict:
     return {
         "fidelity": {"metric": {"name": "accuracy", "original": original, "drop": drop}},
-        "latency": {"speedup": speedup},
+        "latency": {"speedup": speedup, "speedup_ci95": None if speedup is None else [speedup, speedup]},
         "compressed": {"size_bytes": size, "fraction_at_target_bits": 0.9},
     }
 
