@@ -47,7 +47,7 @@ from compression.methods.mixed_precision_costs import (
     layer_macs,
     predicted,
 )
-from compression.methods.mixed_precision_report import explain_layers, measured, pick_cheapest_passing
+from compression.methods.mixed_precision_report import explain_layers, measured
 from compression.primitives.allocation import Allocation, solve_allocation
 from compression.primitives.layers import get_weight_matrix
 from compression.primitives.sensitivity import DEFAULT_CACHE, SensitivityCache, run_outputs
@@ -55,7 +55,7 @@ from compression.primitives.sequential import batches_on
 from compression.primitives.weight_quant import check_finite_weights, plan_layers
 from compression.types import Batches, CompressionResult, ProgressFn, QuantizedLayer, no_progress
 
-__all__ = ["apply_allocation", "compress", "pick_cheapest_passing"]  # job.py reads the gate's pick from here
+__all__ = ["apply_allocation", "compress"]
 
 
 @dataclass

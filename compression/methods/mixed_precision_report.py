@@ -1,5 +1,6 @@
-"""mixed_precision, reporting: each Pareto point measured on the calibration data, the cheapest point
-that passes a metric gate, and the per-layer explanation of an allocation."""
+"""mixed_precision, reporting: each Pareto point measured on the calibration data, the point that ships
+(the cheapest passing the job's gate on the evaluation data, else the best) with the frontier, and the
+per-layer explanation of an allocation."""
 
 from __future__ import annotations
 
@@ -29,19 +30,44 @@ def measured(reference: list[torch.Tensor], model: nn.Module, calib: Batches, ta
     }
 
 
-def pick_cheapest_passing(
-    points: list[dict[str, Any]], max_metric_drop: float, drop_is_relative: bool = False
-) -> dict[str, Any] | None:
-    """The Pareto point with the fewest average bits whose MEASURED task-metric drop is within the limit."""
+def _cost(point: dict[str, Any]) -> tuple[float, float]:
+    return point["avg_bits"], point["budget"]
 
-    def drop(point: dict[str, Any]) -> float | None:
-        value, original = point["measured"].get("task_drop"), point["measured"].get("task_original")
-        if value is None or (drop_is_relative and not original):
-            return None
-        return value / abs(original) if drop_is_relative else value
 
-    passing = [p for p in points if (d := drop(p)) is not None and d <= max_metric_drop]
-    return min(passing, key=lambda p: (p["avg_bits"], p["budget"]), default=None)
+def pick_cheapest_passing(points: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The point with the fewest average bits whose gate check (`point["evaluation"]["passed"]`) passed."""
+    passing = [p for p in points if p.get("evaluation", {}).get("passed")]
+    return min(passing, key=_cost, default=None)
+
+
+def best_point(points: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The point with the smallest measured metric drop (the best metric), the cheaper one on a tie."""
+    measured_points = [p for p in points if p.get("evaluation", {}).get("drop") is not None]
+    return min(measured_points, key=lambda p: (p["evaluation"]["drop"], *_cost(p)), default=None)
+
+
+def select_point(points: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """What ships: the cheapest point that passes the gate, else the best one."""
+    return pick_cheapest_passing(points) or best_point(points)
+
+
+def frontier(points: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every evaluated point, cheapest first: its bits, estimated size, metric, gate result, shipped or not."""
+    rows = []
+    for point in sorted((p for p in points if "evaluation" in p), key=_cost):
+        evaluation = point["evaluation"]
+        rows.append(
+            {
+                "budget": point["budget"],
+                "avg_bits": point["avg_bits"],
+                "size_bytes": evaluation["size_bytes"],
+                "metric": evaluation["metric"],
+                "drop": evaluation["drop"],
+                "passed": evaluation["passed"],
+                "shipped": bool(point.get("chosen")),
+            }
+        )
+    return rows
 
 
 def _sqnr(table: Table, name: str, bits: int) -> float:

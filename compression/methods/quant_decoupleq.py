@@ -9,7 +9,9 @@ Layer-wise stage, per output row, minimizing (Ŵ−W) H (Ŵ−W)ᵀ (H damped by
    - float step with the integers fixed: the exact least-squares (S, Z), a 2·n_groups linear system
      per row (the normal equations of a quadratic in (S, Z)).
 Block-wise stage (optional): integers frozen, S, Z and the block's norm parameters trained with Adam to
-match the float block's outputs on the same inputs; kept only when the block's MSE went down.
+match the float block's outputs. The block's calibration batches are split (`holdout_split`: every 4th
+held out, at least one): training sees only the fitting part, and the refinement is kept only when the
+block's MSE went down on the fitting AND on the held-out batches (else the layer-wise solution stays).
 """
 
 from __future__ import annotations
@@ -288,44 +290,77 @@ class _BlockRefiner:
         output = block_output(functional_call(ctx.block, overrides, args, kwargs))
         return _masked_mse(output, ctx.float_outputs[index], ctx.inputs.masks[index])
 
-    def total_loss(self) -> float:
+    def total_loss(self, indices: list[int]) -> float:
         with torch.no_grad():
-            return sum(self.loss(i).item() for i in range(len(self.context.inputs.args)))
+            return sum(self.loss(i).item() for i in indices)
 
-    def train(self, lr: float, epochs: int) -> None:
+    def train(self, lr: float, epochs: int, indices: list[int]) -> None:
         optimizer = torch.optim.Adam(self.trainable, lr=lr, betas=(0.9, 0.99), eps=2e-5)
         with torch.enable_grad():
             for _ in range(epochs):
-                for index in range(len(self.context.inputs.args)):
+                for index in indices:
                     optimizer.zero_grad(set_to_none=True)
                     self.loss(index).backward()
                     optimizer.step()
 
 
-def refine_block(
-    context: BlockContext, lr: float, epochs: int, symmetric: bool, log: dict[str, Any]
-) -> dict[str, QuantizedLayer]:
-    """decoupleQ's block-wise stage; returns the layers with new (S, Z) (none when it did not help)."""
-    block_params = list(context.block.parameters())
+HOLDOUT_EVERY = 4  # every 4th calibration batch of a block is held out from its refinement
+
+
+def holdout_split(count: int) -> tuple[list[int], list[int]]:
+    """(fitting, held-out) batch indices: every HOLDOUT_EVERY-th batch held out, at least one when there
+    are two or more (then the last); a single batch cannot be split and is returned as held out only."""
+    held = [i for i in range(count) if i % HOLDOUT_EVERY == HOLDOUT_EVERY - 1]
+    if not held and count > 0:
+        held = [count - 1]
+    return [i for i in range(count) if i not in held], held
+
+
+def _train_and_measure(refiner: _BlockRefiner, lr: float, epochs: int, fit: list[int], held: list[int]) -> dict:
+    """Train on `fit`; the block MSE on both parts before and after (held-out: not seen in training)."""
+    block_params = list(refiner.context.block.parameters())
     flags = [p.requires_grad for p in block_params]
-    refiner = _BlockRefiner(context, symmetric)
-    saved_norms = [p.detach().clone() for p in refiner.norms]
     try:
         for param in block_params:
             param.requires_grad_(False)
         for param in refiner.norms:
             param.requires_grad_(True)
-        before = refiner.total_loss()
+        before, held_before = refiner.total_loss(fit), refiner.total_loss(held)
         if before > 0:  # a zero error (e.g. a layer whose output is unused) leaves nothing to fit
-            refiner.train(lr, epochs)
-        after = refiner.total_loss()
+            refiner.train(lr, epochs, fit)
+        after, held_after = refiner.total_loss(fit), refiner.total_loss(held)
     finally:
         for param, flag in zip(block_params, flags, strict=True):
             param.requires_grad_(flag)
+    return {"mse_before": before, "mse_after": after, "heldout_before": held_before, "heldout_after": held_after}
+
+
+def _verdict(refiner: _BlockRefiner, mse: dict[str, float]) -> tuple[bool, str]:
     trained = [*refiner.scales.values(), *refiner.zeros.values(), *refiner.norms]
-    finite = all(bool(torch.isfinite(t).all()) for t in trained) and math.isfinite(after)
-    kept = finite and after < before
-    log[context.prefix or "<model>"] = {"mse_before": before, "mse_after": after, "kept": kept}
+    if not (all(bool(torch.isfinite(t).all()) for t in trained) and math.isfinite(mse["mse_after"])):
+        return False, "non-finite after training"
+    if not mse["mse_after"] < mse["mse_before"]:
+        return False, "no gain on the fitting batches"
+    if not mse["heldout_after"] < mse["heldout_before"]:
+        return False, "held-out error did not drop (overfit)"
+    return True, "fitting and held-out error dropped"
+
+
+def refine_block(
+    context: BlockContext, lr: float, epochs: int, symmetric: bool, log: dict[str, Any]
+) -> dict[str, QuantizedLayer]:
+    """decoupleQ's block-wise stage; returns the layers with new (S, Z) (none when it was rejected)."""
+    fit, held = holdout_split(len(context.inputs.args))
+    entry: dict[str, Any] = {"fit_batches": len(fit), "heldout_batches": len(held)}
+    log[context.prefix or "<model>"] = entry
+    if not fit:
+        entry.update(kept=False, reason="one calibration batch: nothing left to fit after holding one out")
+        return {}
+    refiner = _BlockRefiner(context, symmetric)
+    saved_norms = [p.detach().clone() for p in refiner.norms]
+    mse = _train_and_measure(refiner, lr, epochs, fit, held)
+    kept, reason = _verdict(refiner, mse)
+    entry.update(mse, kept=kept, reason=reason)
     if not kept:
         with torch.no_grad():
             for param, saved in zip(refiner.norms, saved_norms, strict=True):
@@ -365,11 +400,14 @@ def compress(
     result = quantize_weights(
         model, calib, config, quantize_matrix, needs_calibration=True, refine=refine, progress=progress
     )
+    accepted = sum(entry["kept"] for entry in log.values())
     result.stats["blockwise"] = log
+    result.stats["blockwise_refinements"] = {"accepted": accepted, "rejected": len(log) - accepted}
     result.notes.append(
         f"decoupleQ: integer step '{config.integer_step}', {config.iterations} alternations, "
-        f"block-wise stage {'on' if refine else 'off'} "
-        f"({sum(entry['kept'] for entry in log.values())}/{len(log)} blocks improved and kept)"
+        f"block-wise stage {'on' if refine else 'off'} ({accepted} of {len(log)} block refinements accepted: "
+        f"every {HOLDOUT_EVERY}th calibration batch (at least one) held out, a refinement kept only when its "
+        "held-out error dropped too)"
     )
     return result
 

@@ -33,15 +33,23 @@ class CompressFn(Protocol):
     ) -> CompressionResult: ...
 
 
+MeasureFn = Callable[[CompressionResult], dict[str, Any]]
+"""measure(candidate) -> the report sections the gate reads (`fidelity`, `compressed`), measured like the
+job's own evaluation, on the evaluation batches; latency is not measured (it needs the exported file)."""
+
+
 @dataclass
 class MethodRun:
-    """What a method's job-level hooks see: the loaded model, the method's data, the job's request."""
+    """What a method's job-level hooks see: the loaded model, the method's data, the job's request, and
+    (for `pick`) a way to measure a candidate on the evaluation data and where that data came from."""
 
     loaded: LoadedModel
     calib: Batches | None
     config: MethodConfigBase
     job: JobSpec
     progress: ProgressFn
+    measure: MeasureFn | None = None
+    evaluation_source: str | None = None  # the report's data.used_for.fidelity: evaluation, calibration, ...
 
 
 PreflightCheck = Callable[["LoadedModel", Batches, Any], dict[str, Any]]

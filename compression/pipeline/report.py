@@ -45,9 +45,7 @@ def path_bytes(path: Path) -> int:
     return path.stat().st_size
 
 
-def _fraction_at_target(
-    config: MethodConfigBase, result: CompressionResult, rows: list[dict[str, Any]]
-) -> float | None:
+def fraction_at_target(config: MethodConfigBase, result: CompressionResult, rows: list[dict[str, Any]]) -> float | None:
     target = getattr(config, "bits", None) or getattr(config, "budget_bits", None)
     if target is None:
         return None
@@ -118,7 +116,7 @@ def build_report(
     """`measured`: fidelity, latency, flops, diagnosis, export_check, data, timings, baseline (ONNX path)."""
     layers = layer_rows(result, loaded)
     original, compressed = _sides(spec, loaded, result, measured, artifacts)
-    compressed["fraction_at_target_bits"] = _fraction_at_target(config, result, layers)
+    compressed["fraction_at_target_bits"] = fraction_at_target(config, result, layers)
     report: dict[str, Any] = {
         "method": config.method,
         "config": config.model_dump(mode="json"),

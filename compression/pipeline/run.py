@@ -10,11 +10,15 @@ import torch
 from compression import registry
 from compression.configs import MethodConfigBase
 from compression.errors import CompressionError
+from compression.evaluate import compare_outputs, model_size
+from compression.evaluate.fidelity import spearman_metric
 from compression.io import LoadedModel, load_model
-from compression.methods.spec import MethodRun
+from compression.io.data import read_pairs
+from compression.methods.spec import MeasureFn, MethodRun
 from compression.pipeline.context import JobError, JobSpec, Stages, parse, to_device
 from compression.pipeline.data import plan_data, read_dataset, sample_caps
 from compression.pipeline.preflight import refuse_if_over_memory
+from compression.pipeline.report import fraction_at_target, layer_rows
 from compression.types import Batches, CompressionResult
 
 
@@ -48,10 +52,41 @@ def load_inputs(spec: JobSpec, stages: Stages) -> JobInputs:
     return JobInputs(loaded, config, method_data, eval_data, data_section)
 
 
+def estimated_bytes(result: CompressionResult) -> int:
+    """Stored size before export: fp32 tensors, quantized weights as their codes plus fp16 scales/zeros."""
+    float_bytes = model_size(result.model)["float_bytes"]
+    for layer in result.quantized.values():
+        per_group = 2 if bool((layer.zeros == 0).all()) else 4
+        float_bytes += layer.codes.numel() * (layer.bits / 8 - 4) + layer.scales.numel() * per_group
+    return int(float_bytes)
+
+
+def candidate_measure(inputs: JobInputs, spec: JobSpec) -> MeasureFn:
+    """How a method's `pick` measures a candidate: the evaluate stage's task metric on the evaluation
+    batches, and the size and at-target fraction the gate reads (latency needs the export: not here)."""
+    loaded, batches = inputs.loaded, to_device(inputs.eval_data, spec.device)
+    pairs = read_pairs(spec.evaluation_path) if spec.evaluation_path and loaded.tokenizer else None
+
+    def measure(candidate: CompressionResult) -> dict[str, Any]:
+        fidelity = compare_outputs(loaded.module, candidate.model, batches, task=loaded.task)
+        if pairs and loaded.task == "encoder":
+            fidelity["metric"] = spearman_metric(loaded.module, candidate.model, loaded.tokenizer, pairs, spec.seq_len)
+        rows = layer_rows(candidate, loaded)
+        compressed = {
+            "size_bytes": estimated_bytes(candidate),
+            "fraction_at_target_bits": fraction_at_target(inputs.config, candidate, rows),
+        }
+        return {"fidelity": fidelity, "compressed": compressed}
+
+    return measure
+
+
 def compress_stage(inputs: JobInputs, spec: JobSpec, stages: Stages) -> CompressionResult:
     """Run the method (its own `run` hook when it has one), then let it pick among its candidates."""
     config, method = inputs.config, registry.spec_for(inputs.config)
-    run = MethodRun(inputs.loaded, inputs.method_data, config, spec, stages.report)
+    source = inputs.data_section.get("used_for", {}).get("fidelity")
+    measure = candidate_measure(inputs, spec) if method.pick else None
+    run = MethodRun(inputs.loaded, inputs.method_data, config, spec, stages.report, measure, source)
     stages.start("compress", f"running {config.method}")
     try:
         result = method.run(run) if method.run else None

@@ -46,12 +46,15 @@ def test_mixed_precision_sweep_ships_the_cheapest_point_the_gate_passes(tiny: di
     config = {"quantizer": "rtn", "budget_bits": 8, "budgets": [2, 3, 4], "group_size": None, "sensitivity_samples": 32}
     report = _job(tiny, tmp_path / "work", "mixed_precision", config, {"max_metric_drop": 0.2})
     points = report["stats"]["pareto"]
-    passing = [p for p in points if p["measured"]["task_drop"] <= 0.2]
+    assert all(p["evaluation"]["passed"] == (p["evaluation"]["drop"] <= 0.2) for p in points)
+    passing = [p for p in points if p["evaluation"]["passed"]]
     cheapest = min(passing, key=lambda p: p["avg_bits"])
     assert cheapest["budget"] < 8, "the sweep must offer a cheaper passing point for this test to mean anything"
     assert report["stats"]["chosen_budget"] == cheapest["budget"]
     assert [p["budget"] for p in points if p["chosen"]] == [cheapest["budget"]]
-    assert any(f"the gate picked budget {cheapest['budget']}" in note for note in report["variant_notes"])
+    # the points are judged on the data the job's own evaluation uses, and the report says which
+    assert report["stats"]["selected_on"] == report["data"]["used_for"]["fidelity"]
+    assert any(f"budget {cheapest['budget']} " in note and "cheapest" in note for note in report["variant_notes"])
     assert report["compressed"]["bits"]["nominal_bits"] == pytest.approx(cheapest["avg_bits"])
 
 

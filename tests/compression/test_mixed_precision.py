@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,9 +13,11 @@ from sklearn.datasets import load_digits
 from torch import nn
 
 from compression.configs import GPTQConfig, MixedPrecisionConfig, RTNConfig
+from compression.job import JobSpec, run_job
 from compression.methods import quant_gptq, quant_rtn
-from compression.methods.mixed_precision import apply_allocation, compress, pick_cheapest_passing
+from compression.methods.mixed_precision import apply_allocation, compress
 from compression.methods.mixed_precision_analysis import residual_add_ties
+from compression.methods.mixed_precision_report import best_point, frontier, pick_cheapest_passing, select_point
 from compression.primitives.layers import get_weight_matrix
 from compression.primitives.sensitivity import (
     OutputRunner,
@@ -245,14 +248,77 @@ def test_split_samples_keeps_rows_and_labels(digits: tuple[nn.Module, Batches]) 
     assert torch.equal(torch.cat(head.labels + tail.labels), torch.cat(calib.labels))
 
 
-def test_pick_cheapest_passing() -> None:
+def test_pick_cheapest_passing_else_best() -> None:
     points = [
-        {"budget": b, "avg_bits": b, "measured": {"task_drop": drop, "task_original": 0.9}}
-        for b, drop in [(2.5, 0.08), (3.0, 0.02), (3.5, 0.005), (4.0, 0.001)]
+        {"budget": b, "avg_bits": b, "evaluation": {"drop": drop, "passed": ok, "metric": 0.9 - drop, "size_bytes": 1}}
+        for b, drop, ok in [(2.5, 0.08, False), (3.0, 0.02, True), (3.5, 0.005, True), (4.0, 0.001, False)]
     ]
-    assert pick_cheapest_passing(points, 0.03)["budget"] == 3.0
-    assert pick_cheapest_passing(points, 0.01, drop_is_relative=True)["budget"] == 3.5
-    assert pick_cheapest_passing(points, 0.0001) is None
+    assert pick_cheapest_passing(points)["budget"] == 3.0
+    assert select_point(points)["budget"] == 3.0
+    for point in points:
+        point["evaluation"]["passed"] = False
+    assert pick_cheapest_passing(points) is None
+    assert best_point(points)["budget"] == select_point(points)["budget"] == 4.0
+    assert [row["budget"] for row in frontier(list(reversed(points)))] == [2.5, 3.0, 3.5, 4.0]
+
+
+@pytest.fixture(scope="module")
+def digits_job_files(digits: tuple[nn.Module, Batches], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The digits MLP as an ONNX upload, unlabelled calibration digits and a disjoint labelled evaluation set."""
+    model, _ = digits
+    folder = tmp_path_factory.mktemp("mixed_job")
+    images, labels = load_digits(return_X_y=True)
+    pixels = (images / 16.0).astype(np.float32)
+    torch.onnx.export(model, (torch.tensor(pixels[:2]),), str(folder / "mlp.onnx"), input_names=["pixels"],
+                      output_names=["logits"], dynamic_axes={"pixels": {0: "batch"}, "logits": {0: "batch"}},
+                      dynamo=False)  # fmt: skip
+    np.savez(folder / "calib.npz", pixels=pixels[1400:1600])
+    np.savez(folder / "eval.npz", pixels=pixels[1600:], labels=labels[1600:])
+    return {"model": folder / "mlp.onnx", "calib": folder / "calib.npz", "eval": folder / "eval.npz"}
+
+
+def _sweep_job(files: dict[str, Path], work: Path, gate: dict) -> dict:
+    spec = JobSpec(
+        model_path=files["model"],
+        method="mixed_precision",
+        config={"quantizer": "rtn", "group_size": None, "candidates": [2, 3, 4, 8], "budgets": [2.5, 3.0, 4.0]},
+        calibration_path=files["calib"],
+        evaluation_path=files["eval"],
+        gate=gate,
+        work_dir=work,
+        benchmark_repeats=3,
+    )
+    return run_job(spec, progress=lambda *event: None, should_cancel=lambda: False).report
+
+
+def test_sweep_ships_best_point_with_fail_and_frontier_when_none_passes(
+    digits_job_files: dict[str, Path], tmp_path: Path
+) -> None:
+    report = _sweep_job(digits_job_files, tmp_path, {"max_metric_drop": 1.0, "max_size_bytes": 1})
+    rows = report["stats"]["frontier"]
+    assert [row["budget"] for row in rows] == [2.5, 3.0, 4.0] and not any(row["passed"] for row in rows)
+    assert all(row["size_bytes"] > 1 and row["metric"] is not None for row in rows)
+    best = min(rows, key=lambda row: (row["drop"], row["avg_bits"]))
+    assert [row["shipped"] for row in rows] == [row is best for row in rows]
+    assert report["stats"]["chosen_budget"] == best["budget"] and report["stats"]["selected_on"] == "evaluation"
+    assert report["gate"]["verdict"] == "fail"
+    # measured on the evaluation set: the job's own evaluation of the shipped point agrees
+    assert report["fidelity"]["metric"]["compressed"] == pytest.approx(best["metric"], abs=0.02)
+
+
+def test_sweep_ships_the_cheapest_point_that_passes_the_gate_on_evaluation_data(
+    digits_job_files: dict[str, Path], tmp_path: Path
+) -> None:
+    frontier_rows = _sweep_job(digits_job_files, tmp_path / "probe", {"max_size_bytes": 1})["stats"]["frontier"]
+    drops = {row["budget"]: row["drop"] for row in frontier_rows}
+    assert drops[4.0] < min(drops[2.5], drops[3.0])  # the allocation at 4 bits is the most faithful
+    limit = max(0.0, (drops[4.0] + min(drops[2.5], drops[3.0])) / 2)  # only the 4-bit point is within it
+    report = _sweep_job(digits_job_files, tmp_path / "gated", {"max_metric_drop": limit})
+    rows = {row["budget"]: row for row in report["stats"]["frontier"]}
+    assert [rows[b]["passed"] for b in (2.5, 3.0, 4.0)] == [False, False, True]
+    assert report["stats"]["chosen_budget"] == 4.0 and rows[4.0]["shipped"]
+    assert report["gate"]["verdict"] == "pass"
+    assert report["compressed"]["bits"]["nominal_bits"] > 3.0
 
 
 @pytest.mark.slow

@@ -212,6 +212,58 @@ def test_hf_blocks_are_calibrated_sequentially_on_quantized_outputs(tiny_gpt2: t
     assert rel == pytest.approx(result.stats["layers"]["gpt.h.1.attn.c_attn"]["rel_loss"], rel=1e-6)
 
 
+def _gpt2_token_batches(model: nn.Module, batches: int, rows: int, tokens: int) -> Batches:
+    torch.manual_seed(1)
+    vocab = model.gpt.config.vocab_size
+    return Batches(
+        [
+            {"input_ids": torch.randint(0, vocab, (rows, tokens)), "attention_mask": torch.ones(rows, tokens).long()}
+            for _ in range(batches)
+        ]
+    )
+
+
+def test_blockwise_refinement_that_overfits_is_rejected_on_held_out_batches(tiny_gpt2: tuple) -> None:
+    """4 one-row batches of 3 tokens, 100 epochs at lr 2e-3: the 3 fitting batches are matched almost
+    exactly, the held-out 4th gets worse, so every block keeps its layer-wise (S, Z)."""
+    model, _ = tiny_gpt2
+    calib = _gpt2_token_batches(model, batches=4, rows=1, tokens=3)
+    config = DecoupleQConfig(bits=2, group_size=16, blockwise_epochs=100, blockwise_lr=2e-3)
+    result = quant_decoupleq.compress(model, calib, config)
+    log = result.stats["blockwise"]
+    assert set(log) == {"gpt.h.0", "gpt.h.1"}
+    for entry in log.values():
+        assert (entry["fit_batches"], entry["heldout_batches"]) == (3, 1)
+        assert entry["mse_after"] < entry["mse_before"]  # the fitting batches alone would have accepted it
+        assert entry["heldout_after"] > entry["heldout_before"]
+        assert not entry["kept"] and "held-out" in entry["reason"]
+    assert result.stats["blockwise_refinements"] == {"accepted": 0, "rejected": 2}
+    layer_wise = quant_decoupleq.compress(model, calib, config.model_copy(update={"blockwise": False}))
+    for name, layer in result.quantized.items():
+        assert torch.equal(layer.scales, layer_wise.quantized[name].scales)
+        assert torch.equal(layer.zeros, layer_wise.quantized[name].zeros)
+
+
+def test_blockwise_refinement_that_generalizes_is_accepted(tiny_gpt2: tuple) -> None:
+    model, _ = tiny_gpt2
+    calib = _gpt2_token_batches(model, batches=8, rows=2, tokens=12)
+    config = DecoupleQConfig(bits=2, group_size=16, blockwise_epochs=3, blockwise_lr=1e-3)
+    result = quant_decoupleq.compress(model, calib, config)
+    log = result.stats["blockwise"]
+    for entry in log.values():
+        assert (entry["fit_batches"], entry["heldout_batches"]) == (6, 2)
+        assert entry["kept"] and entry["heldout_after"] < entry["heldout_before"]
+    assert result.stats["blockwise_refinements"] == {"accepted": 2, "rejected": 0}
+    layer_wise = quant_decoupleq.compress(model, calib, config.model_copy(update={"blockwise": False}))
+    assert any(not torch.equal(q.scales, layer_wise.quantized[n].scales) for n, q in result.quantized.items())
+
+
+def test_holdout_split_keeps_every_fourth_batch_and_at_least_one() -> None:
+    assert quant_decoupleq.holdout_split(8) == ([0, 1, 2, 4, 5, 6], [3, 7])
+    assert quant_decoupleq.holdout_split(2) == ([0], [1])
+    assert quant_decoupleq.holdout_split(1) == ([], [0])
+
+
 def test_blockwise_stage_lowers_block_error(tiny_gpt2: tuple) -> None:
     model, calib = tiny_gpt2
     result = quant_decoupleq.compress(model, calib, DecoupleQConfig(bits=2, group_size=16, blockwise_epochs=3))
