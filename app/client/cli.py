@@ -297,6 +297,11 @@ def summary_table(report: dict[str, Any], job: dict[str, Any]) -> str:
         a, b = original[key], compressed[key]
         if isinstance(a, int | float) and isinstance(b, int | float):
             rows.append(f"{key:18}{a:>16.6g}{b:>16.6g}")
+    metric = (report.get("fidelity") or {}).get("metric") or {}
+    if metric.get("drop_ci95"):
+        low, high = metric["drop_ci95"]
+        rows.append(f"{metric.get('name')} drop {metric.get('drop'):+.4g} (95% interval {low:+.4g} to {high:+.4g})")
+    rows.extend(f"note: {note}" for note in (report.get("data") or {}).get("notes", []))
     rows.append(f"verdict: {job.get('verdict') or 'no gate'}")
     for check in (report.get("gate") or {}).get("checks", []):
         mark = "PASS" if check["passed"] else "FAIL"

@@ -85,7 +85,7 @@ def test_no_evaluation_data_is_inconclusive_and_exits_5(ci) -> None:  # type: ig
     assert done.returncode == 5, done.stderr
     report = json.loads((tmp / "none" / "report.json").read_text())
     assert report["gate"]["verdict"] == "inconclusive" and report["data"]["used_for"]["fidelity"] == "synthetic"
-    assert "verdict: inconclusive" in done.stdout
+    assert "verdict: inconclusive" in done.stdout and "note: no evaluation data" in done.stdout
     suite = ET.parse(tmp / "none" / "junit.xml").getroot()
     assert suite.get("errors") == "1" and suite.get("failures") == "0"
     assert [case.get("name") for case in suite.iter("testcase") if case.find("skipped") is not None] == [
