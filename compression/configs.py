@@ -294,6 +294,17 @@ class Gate(_Inert):
 
     max_metric_drop: float | None = Field(None, ge=0, description="Largest allowed drop of the task metric.")
     drop_is_relative: bool = Field(False, description="Drop as a fraction of the original metric.")
+    metric_drop_bound: Literal["point", "upper_ci"] = Field(
+        "point",
+        description="What max_metric_drop limits: the measured drop (point) or the upper end of its "
+        "bootstrap 95% interval (upper_ci: the drop is below the limit with 97.5% confidence).",
+    )
+    min_recovery: float | None = Field(
+        None,
+        gt=0,
+        description="Compressed metric / original metric, at least (perplexity, lower is better: "
+        "original / compressed). 0.99 keeps 99% of the original quality.",
+    )
     min_speedup: float | None = Field(
         None,
         gt=0,

@@ -154,15 +154,20 @@ def _fetch_inputs(job_id: str, work_dir: Path) -> dict[str, Any]:
         assert job is not None
         model = session.get(Model, job.model_id)
         assert model is not None
-        paths = {"model_path": store.fetch(model.sha256, work_dir / _safe_name(model.filename, "model"))}
-        for role, ident in (("calibration_path", job.calibration_id), ("evaluation_path", job.evaluation_id)):
+        fields: dict[str, Any] = {
+            "model_path": store.fetch(model.sha256, work_dir / _safe_name(model.filename, "model"))
+        }
+        for role, ident in (("calibration", job.calibration_id), ("evaluation", job.evaluation_id)):
             dataset = session.get(Dataset, ident) if ident else None
-            paths[role] = (
-                store.fetch(dataset.sha256, work_dir / f"{role}-{_safe_name(dataset.filename, 'data')}")
+            fields[f"{role}_path"] = (
+                store.fetch(dataset.sha256, work_dir / f"{role}_path-{_safe_name(dataset.filename, 'data')}")
                 if dataset
                 else None
             )
-        return {**paths, "method": job.method, "config": dict(job.config), "gate": job.gate}
+            # ids and hashes let the job see one dataset given for both roles and split it
+            fields[f"{role}_id"] = dataset.id if dataset else None
+            fields[f"{role}_sha256"] = dataset.sha256 if dataset else None
+        return {**fields, "method": job.method, "config": dict(job.config), "gate": job.gate}
 
 
 def _safe_name(filename: str, fallback: str) -> str:

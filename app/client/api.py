@@ -20,6 +20,7 @@ from urllib.parse import urlsplit
 import httpx
 
 EXIT_PASS, EXIT_GATE_FAILED, EXIT_JOB_FAILED, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3, 4
+EXIT_INCONCLUSIVE = 5  # the job ran but had no evaluation data: nothing to judge, not a pass
 EXIT_INTERRUPTED = 130  # Ctrl-C: the shell convention (128 + SIGINT)
 RETRY_STATUSES = {429, 502, 503, 504}
 

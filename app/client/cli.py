@@ -1,7 +1,8 @@
 """`modelpress compress`: what a CI pipeline calls. Exit codes are the contract:
 
 0 gate passed (or no gate), 1 gate failed, 2 job failed or cancelled, 3 usage or configuration
-error, 4 server unreachable or timed out, 130 interrupted (Ctrl-C; the job goes on on the server and
+error, 4 server unreachable or timed out, 5 inconclusive (no evaluation data: nothing to judge the
+model on, never a pass), 130 interrupted (Ctrl-C; the job goes on on the server and
 `modelpress wait JOB_ID` reattaches to it).
 
 The method, config and gate are checked by the server before anything is uploaded. A rerun of the
@@ -24,6 +25,7 @@ from xml.etree import ElementTree as ET
 
 from app.client.api import (
     EXIT_GATE_FAILED,
+    EXIT_INCONCLUSIVE,
     EXIT_INTERRUPTED,
     EXIT_JOB_FAILED,
     EXIT_PASS,
@@ -37,15 +39,22 @@ from compression.method_docs import method_catalog, render_text
 
 
 def add_commands(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    compress = sub.add_parser("compress", help="upload, compress, wait, download, gate (for CI)")
+    compress = sub.add_parser(
+        "compress",
+        help="upload, compress, wait, download, gate (for CI)",
+        description="Exit codes: 0 gate passed (or no gate), 1 gate failed, 2 job failed or cancelled, "
+        "3 usage or configuration error, 4 server unreachable or timed out, 5 inconclusive (no "
+        "evaluation data: nothing to judge), 130 interrupted.",
+    )
     compress.add_argument("model", type=Path, help="ONNX file, .pt2 archive, or Hugging Face directory/zip")
     compress.add_argument("--method", required=True)
     compress.add_argument("--config", default="{}", help="JSON text or a path to a JSON file")
-    compress.add_argument("--calibration", type=Path)
-    compress.add_argument("--evaluation", type=Path)
+    compress.add_argument("--calibration", type=Path, help="one dataset alone is split: see report.data.split")
+    compress.add_argument("--evaluation", type=Path, help="held-out data the gate judges on (none: exit 5)")
     compress.add_argument("--gate", default=None, help="gate as JSON text or a JSON file")
     compress.add_argument("--max-metric-drop", type=float)
     compress.add_argument("--drop-is-relative", action="store_true")
+    compress.add_argument("--min-recovery", type=float, help="compressed / original metric, at least")
     compress.add_argument("--min-speedup", type=float)
     compress.add_argument("--max-size-bytes", type=int)
     compress.add_argument("--wait", action="store_true", help="wait for the job and apply the gate")
@@ -104,8 +113,8 @@ def _json_source(text: str, option: str) -> str:
 
 def gate_from_args(args: argparse.Namespace) -> dict[str, Any] | None:
     gate = _json_arg(args.gate, "--gate")
-    for key in ("max_metric_drop", "min_speedup", "max_size_bytes"):
-        if getattr(args, key) is not None:
+    for key in ("max_metric_drop", "min_recovery", "min_speedup", "max_size_bytes"):
+        if getattr(args, key, None) is not None:
             gate[key] = getattr(args, key)
     if args.drop_is_relative:
         gate["drop_is_relative"] = True
@@ -274,7 +283,11 @@ def _conclude(client: Client, job: dict[str, Any], out: Path) -> int:
     checks = (report.get("gate") or {}).get("checks", [])
     write_junit(out / "junit.xml", job, checks)
     print(summary_table(report, job), flush=True)
-    return EXIT_GATE_FAILED if job.get("verdict") == "fail" else EXIT_PASS
+    return VERDICT_EXIT_CODES.get(job.get("verdict"), EXIT_PASS)
+
+
+VERDICT_EXIT_CODES = {"fail": EXIT_GATE_FAILED, "inconclusive": EXIT_INCONCLUSIVE}
+INCONCLUSIVE_MESSAGE = "inconclusive: no evaluation data, so nothing to judge the model on"
 
 
 def summary_table(report: dict[str, Any], job: dict[str, Any]) -> str:
@@ -284,6 +297,11 @@ def summary_table(report: dict[str, Any], job: dict[str, Any]) -> str:
         a, b = original[key], compressed[key]
         if isinstance(a, int | float) and isinstance(b, int | float):
             rows.append(f"{key:18}{a:>16.6g}{b:>16.6g}")
+    metric = (report.get("fidelity") or {}).get("metric") or {}
+    if metric.get("drop_ci95"):
+        low, high = metric["drop_ci95"]
+        rows.append(f"{metric.get('name')} drop {metric.get('drop'):+.4g} (95% interval {low:+.4g} to {high:+.4g})")
+    rows.extend(f"note: {note}" for note in (report.get("data") or {}).get("notes", []))
     rows.append(f"verdict: {job.get('verdict') or 'no gate'}")
     for check in (report.get("gate") or {}).get("checks", []):
         mark = "PASS" if check["passed"] else "FAIL"
@@ -292,8 +310,14 @@ def summary_table(report: dict[str, Any], job: dict[str, Any]) -> str:
 
 
 def write_junit(path: Path, job: dict[str, Any], checks: list[dict[str, Any]], failure: str | None = None) -> None:
-    """One testcase per gate check (or one for the job itself when it did not succeed)."""
-    suite = ET.Element("testsuite", name=f"modelpress.{job['method']}", tests=str(max(len(checks), 1)))
+    """One testcase per gate check, plus one error for the job when it did not succeed or was inconclusive.
+
+    An inconclusive job's checks are skipped: measured on synthetic inputs, they say nothing.
+    """
+    inconclusive = failure is None and job.get("verdict") == "inconclusive"
+    failure = INCONCLUSIVE_MESSAGE if inconclusive else failure
+    tests = len(checks) + (1 if failure is not None else 0)
+    suite = ET.Element("testsuite", name=f"modelpress.{job['method']}", tests=str(max(tests, 1)))
     failures = 0
     if failure is not None:
         case = ET.SubElement(suite, "testcase", classname="modelpress.job", name=job["id"])
@@ -301,7 +325,9 @@ def write_junit(path: Path, job: dict[str, Any], checks: list[dict[str, Any]], f
         suite.set("errors", "1")
     for check in checks:
         case = ET.SubElement(suite, "testcase", classname="modelpress.gate", name=check["name"])
-        if not check["passed"]:
+        if inconclusive:
+            ET.SubElement(case, "skipped", message=INCONCLUSIVE_MESSAGE)
+        elif not check["passed"]:
             failures += 1
             message = f"measured {check['measured']} violates limit {check['limit']}"
             ET.SubElement(case, "failure", message=message).text = message

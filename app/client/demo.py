@@ -1,6 +1,7 @@
 """`modelpress demo`: the whole product on the embedded default, on a model the project ships.
 
-Builds the Fashion-MNIST ResNet fixture as ONNX plus a labelled calibration/evaluation set, starts
+Builds the Fashion-MNIST ResNet fixture as ONNX plus two disjoint data files (calibration images
+from the training split, labelled held-out evaluation images from the test split), starts
 `modelpress serve` (SQLite, local store, filesystem broker, one supervised worker), then runs the
 same `compress` command a CI pipeline runs: upload, compress, wait with progress, gate, report.
 """
@@ -20,8 +21,9 @@ import httpx
 DEMO_DIR = Path("var/demo")
 
 
-def build_inputs(directory: Path, samples: int = 512) -> tuple[Path, Path]:
-    """The fixture model exported to ONNX, and `samples` labelled test images as .npz."""
+def build_inputs(directory: Path, samples: int = 512) -> tuple[Path, Path, Path]:
+    """The fixture model as ONNX, `samples` training images (calibration) and `samples` labelled test
+    images (evaluation) as .npz: the gate judges the model on images the method never saw."""
     import numpy as np
     import torch
 
@@ -29,6 +31,7 @@ def build_inputs(directory: Path, samples: int = 512) -> tuple[Path, Path]:
 
     directory.mkdir(parents=True, exist_ok=True)
     model_path, data_path = directory / "fmnist_resnet.onnx", directory / "fmnist_test.npz"
+    calibration_path = directory / "fmnist_train.npz"
     if not model_path.exists():
         model = fmnist_resnet.load_pretrained().eval()
         example = torch.zeros(1, 1, 28, 28)
@@ -44,7 +47,10 @@ def build_inputs(directory: Path, samples: int = 512) -> tuple[Path, Path]:
     if not data_path.exists():
         images, labels = fmnist_resnet.load_fashion_mnist("test", limit=samples)
         np.savez(data_path, input=images.numpy(), labels=labels.numpy())
-    return model_path, data_path
+    if not calibration_path.exists():
+        images = fmnist_resnet.load_fashion_mnist("train", limit=samples)[0]
+        np.savez(calibration_path, input=images.numpy())
+    return model_path, calibration_path, data_path
 
 
 def wait_ready(url: str, server: subprocess.Popen[bytes], timeout_s: float = 90.0) -> None:
@@ -66,7 +72,7 @@ def run_demo(*, method: str, config_json: str | None, port: int) -> int:
 
     env = {**os.environ, "MODELPRESS_DATA_DIR": str(DEMO_DIR.resolve() / "server")}
     os.environ.update(env)
-    model_path, data_path = build_inputs(DEMO_DIR / "inputs")
+    model_path, calibration_path, data_path = build_inputs(DEMO_DIR / "inputs")
     key = (
         subprocess.run(
             [sys.executable, "-m", "app.cli", "admin", "create-key", "--project", "demo"],
@@ -93,11 +99,12 @@ def run_demo(*, method: str, config_json: str | None, port: int) -> int:
             model=model_path,
             method=method,
             config=config,
-            calibration=data_path,
+            calibration=calibration_path,
             evaluation=data_path,
             gate=None,
             max_metric_drop=0.01,
             drop_is_relative=False,
+            min_recovery=None,
             min_speedup=None,
             max_size_bytes=None,
             wait=True,

@@ -116,7 +116,7 @@ class Job(Base):
     message: Mapped[str | None] = mapped_column(String(500), default=None)
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
-    verdict: Mapped[str | None] = mapped_column(String(8), default=None)
+    verdict: Mapped[str | None] = mapped_column(String(16), default=None)  # pass | fail | inconclusive
     report: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     idempotency_key: Mapped[str | None] = mapped_column(String(200), default=None)
     request_hash: Mapped[str | None] = mapped_column(String(64), default=None)

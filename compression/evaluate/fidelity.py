@@ -11,10 +11,12 @@ import math
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from compression.evaluate.uncertainty import bootstrap_interval, drop_interval
 from compression.types import Batches, primary_output
 
 _CHUNK_ELEMENTS = 1 << 22  # float64 work per step: 32 MB, however wide the outputs (a 262k vocabulary)
@@ -62,6 +64,13 @@ class _Accumulator:
     def __init__(self) -> None:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
+        self.rows: dict[str, list[torch.Tensor]] = {}  # per-sample values, for the drop's interval
+
+    def add_rows(self, key: str, values: torch.Tensor) -> None:
+        self.rows.setdefault(key, []).append(values.detach().double().cpu().reshape(-1))
+
+    def per_sample(self, key: str) -> np.ndarray:
+        return torch.cat(self.rows[key]).numpy()
 
     def add(self, key: str, total: float, count: int) -> None:
         self.sums[key] = self.sums.get(key, 0.0) + total
@@ -71,17 +80,23 @@ class _Accumulator:
         return self.sums[key] / self.counts[key] if self.counts.get(key) else None
 
 
-def _token_nll(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
-    """Summed next-token negative log-likelihood and token count (padding excluded)."""
+def _window_nll(
+    logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per window (row): summed next-token negative log-likelihood and token count (padding excluded)."""
     shift_logits, targets = logits[:, :-1], input_ids[:, 1:]
     nll = F.cross_entropy(shift_logits.reshape(-1, shift_logits.shape[-1]), targets.reshape(-1), reduction="none")
-    keep = mask[:, 1:].reshape(-1).bool() if mask is not None else torch.ones_like(nll, dtype=torch.bool)
-    return float(nll[keep].sum()), int(keep.sum())
+    keep = mask[:, 1:].bool() if mask is not None else torch.ones_like(targets, dtype=torch.bool)
+    nll = nll.reshape(targets.shape) * keep
+    return nll.double().sum(dim=1), keep.sum(dim=1)
 
 
 def _add_distribution_metrics(acc: _Accumulator, ref: torch.Tensor, out: torch.Tensor) -> None:
     if ref.dim() < 2 or ref.shape[-1] < 2:
         return
+    matches = (ref.argmax(-1) == out.argmax(-1)).reshape(ref.shape[0], -1)
+    acc.add_rows("top1_matches", matches.sum(dim=1))
+    acc.add_rows("top1_positions", torch.full((ref.shape[0],), matches.shape[1]))
     for chunk_ref, chunk_out in _row_chunks(ref, out):
         acc.add("top1", float((chunk_ref.argmax(-1) == chunk_out.argmax(-1)).sum()), chunk_ref.shape[0])
         log_p, log_q = F.log_softmax(chunk_ref.double(), -1), F.log_softmax(chunk_out.double(), -1)
@@ -98,14 +113,19 @@ def _add_task_metrics(
 ) -> None:
     if task == "causal_lm" and "input_ids" in batch:
         for key, logits in (("nll_original", ref), ("nll_compressed", out)):
-            total, count = _token_nll(logits, batch["input_ids"], batch.get("attention_mask"))
-            acc.add(key, total, count)
+            sums, counts = _window_nll(logits, batch["input_ids"], batch.get("attention_mask"))
+            acc.add(key, float(sums.sum()), int(counts.sum()))
+            acc.add_rows(key, sums)
+        acc.add_rows("tokens", counts)
     elif label is not None and ref.dim() == 2 and label.dim() == 1:
-        acc.add("acc_original", float((ref.argmax(-1) == label).sum()), len(label))
-        acc.add("acc_compressed", float((out.argmax(-1) == label).sum()), len(label))
+        for key, logits in (("acc_original", ref), ("acc_compressed", out)):
+            correct = logits.argmax(-1) == label.to(logits.device)
+            acc.add(key, float(correct.sum()), len(label))
+            acc.add_rows(key, correct)
     if task == "encoder" or ref.dim() == 2:
         cosine = F.cosine_similarity(ref.reshape(ref.shape[0], -1), out.reshape(out.shape[0], -1), dim=-1)
         acc.add("cosine", float(cosine.sum()), cosine.numel())
+        acc.add_rows("cosine", cosine)
 
 
 def _task_metric(acc: _Accumulator, task: str) -> dict[str, Any]:
@@ -156,6 +176,7 @@ def compare_outputs(
     if metric["name"] == "sqnr_db":
         metric["compressed"] = 10 * math.log10(signal / noise) if noise else math.inf
     metric["drop"] = metric_drop(metric)
+    metric["drop_ci95"] = _drop_interval(acc, metric["name"])
     return {
         "samples": samples,
         "top1_agreement": acc.mean("top1"),
@@ -164,6 +185,23 @@ def compare_outputs(
         "mean_cosine": acc.mean("cosine"),
         "metric": metric,
     }
+
+
+def _drop_interval(acc: _Accumulator, name: str) -> list[float] | None:
+    """Bootstrap 95% interval of the task metric's drop over the evaluation samples (None: not per sample)."""
+    if name == "perplexity":
+        original, compressed, weights = (acc.per_sample(k) for k in ("nll_original", "nll_compressed", "tokens"))
+        return drop_interval(original, compressed, weights, higher_is_better=False, transform=np.exp)
+    if name == "accuracy":
+        original, compressed = acc.per_sample("acc_original"), acc.per_sample("acc_compressed")
+        return drop_interval(original, compressed, np.ones_like(original), higher_is_better=True)
+    if name == "mean_cosine":
+        cosine = acc.per_sample("cosine")
+        return drop_interval(np.ones_like(cosine), cosine, np.ones_like(cosine), higher_is_better=True)
+    if name == "top1_agreement":
+        positions = acc.per_sample("top1_positions")
+        return drop_interval(positions, acc.per_sample("top1_matches"), positions, higher_is_better=True)
+    return None
 
 
 def metric_drop(metric: dict[str, Any]) -> float | None:
@@ -189,27 +227,46 @@ def _embed(module: nn.Module, tokenizer: Any, texts: list[str], seq_len: int, de
     return torch.cat(chunks)
 
 
+def _pair_cosines(module: nn.Module, tokenizer: Any, pairs: list[tuple[str, str, float]], seq_len: int) -> np.ndarray:
+    device = next(module.parameters()).device
+    a = _embed(module, tokenizer, [p[0] for p in pairs], seq_len, device)
+    b = _embed(module, tokenizer, [p[1] for p in pairs], seq_len, device)
+    return F.cosine_similarity(a, b, dim=-1).numpy()
+
+
 def pair_spearman(module: nn.Module, tokenizer: Any, pairs: list[tuple[str, str, float]], seq_len: int = 128) -> float:
     """Spearman correlation between the cosine of each pair's embeddings and its human score."""
     from scipy.stats import spearmanr
 
-    device = next(module.parameters()).device
-    a = _embed(module, tokenizer, [p[0] for p in pairs], seq_len, device)
-    b = _embed(module, tokenizer, [p[1] for p in pairs], seq_len, device)
-    cosine = F.cosine_similarity(a, b, dim=-1).numpy()
-    return float(spearmanr(cosine, [p[2] for p in pairs]).statistic)
+    return float(spearmanr(_pair_cosines(module, tokenizer, pairs, seq_len), [p[2] for p in pairs]).statistic)
+
+
+def spearman_drop_interval(before: np.ndarray, after: np.ndarray, scores: np.ndarray) -> list[float] | None:
+    """Bootstrap 95% interval of Spearman(before, scores) - Spearman(after, scores), resampling pairs."""
+    from scipy.stats import spearmanr
+
+    def drop(indices: np.ndarray) -> np.ndarray:
+        return np.array(
+            [spearmanr(before[i], scores[i]).statistic - spearmanr(after[i], scores[i]).statistic for i in indices]
+        )
+
+    return bootstrap_interval(drop, len(scores))
 
 
 def spearman_metric(
     original: nn.Module, compressed: nn.Module, tokenizer: Any, pairs: list[tuple[str, str, float]], seq_len: int = 128
 ) -> dict[str, Any]:
-    before = pair_spearman(original, tokenizer, pairs, seq_len)
-    after = pair_spearman(compressed, tokenizer, pairs, seq_len)
+    from scipy.stats import spearmanr
+
+    scores = np.array([p[2] for p in pairs])
+    cosines = [_pair_cosines(model, tokenizer, pairs, seq_len) for model in (original, compressed)]
+    before, after = (float(spearmanr(cosine, scores).statistic) for cosine in cosines)
     return {
         "name": "spearman",
         "higher_is_better": True,
         "original": before,
         "compressed": after,
         "drop": before - after,
+        "drop_ci95": spearman_drop_interval(cosines[0], cosines[1], scores),
         "pairs": len(pairs),
     }

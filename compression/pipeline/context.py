@@ -47,6 +47,11 @@ class JobSpec:
     onnx_accuracy_level: int = 0  # MatMulNBits: 0 exact fp32 activations, 4 int8 activations (faster, lossy)
     max_memory_bytes: int | None = None  # the worker's per-job limit: a larger pre-flight estimate is refused
     archive_limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # uploads unpack within these
+    # The datasets' ids and content hashes: one dataset given for both roles is split, not reused.
+    calibration_id: str | None = None
+    evaluation_id: str | None = None
+    calibration_sha256: str | None = None
+    evaluation_sha256: str | None = None
 
 
 @dataclass

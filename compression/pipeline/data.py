@@ -1,9 +1,11 @@
 """Data planning: which batches the method gets, which ones fidelity is measured on, and why.
 
-Rules (stated in `report["data"]`): methods that need calibration data use the calibration set, else
-the evaluation set (said so), else the job fails with `calibration_required`. Fidelity is measured on
-the evaluation set, else on the calibration set (optimistic: said so), else on a few synthetic inputs
-(said so; no task metric then).
+Rules (stated in `report["data"]`): calibration and evaluation never share a sample. Two different
+datasets are used as given. One dataset (only a calibration set; only an evaluation set for a method
+that needs calibration data; or the same dataset, by id, content hash or path, given for both) is
+split by `SPLIT_RULE` and the split recorded in `report["data"]["split"]`. An evaluation set alone,
+for a method that needs no data, is all evaluation. With no data at all, export and latency run on a
+few synthetic inputs and the gate's verdict is `inconclusive` (there is nothing to judge).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from compression.pipeline.context import JobError, JobSpec
 from compression.types import Batches
 
 SYNTHETIC_SAMPLES = 32
+SPLIT_RULE = "every k-th sample (index % k == k - 1) to evaluation, the rest to calibration"
+SPLIT_SAMPLES_PER_K = 32  # k = samples // 32, kept within [2, 5]: small sets split in half, large ones 4:1
 # fp32 logits one forward may produce (512 MB): a 262k-vocabulary LM at 512 tokens gets one row per
 # batch, where 8 rows (and the float64 copies the fidelity metrics take) would need tens of GB.
 LOGITS_PER_FORWARD = 1 << 27
@@ -67,6 +71,82 @@ def read_dataset(path: Path | None, loaded: LoadedModel, spec: JobSpec, cap: int
     )
 
 
+def split_step(samples: int) -> int:
+    """k of `SPLIT_RULE`: every k-th sample goes to evaluation."""
+    return min(5, max(2, samples // SPLIT_SAMPLES_PER_K))
+
+
+def batch_rows(batches: Batches) -> int:
+    return sum(next(iter(b.values())).shape[0] for b in batches.inputs)
+
+
+def split_batches(batches: Batches, step: int) -> tuple[Batches, Batches]:
+    """(calibration, evaluation) rows of `batches` by `SPLIT_RULE`; batches keep their order and padding."""
+    parts: dict[bool, Batches] = {
+        held: Batches(inputs=[], labels=[] if batches.labels is not None else None) for held in (False, True)
+    }
+    start = 0
+    for index, batch in enumerate(batches.inputs):
+        rows = next(iter(batch.values())).shape[0]
+        held_out = (torch.arange(start, start + rows) % step) == step - 1
+        start += rows
+        for held, part in parts.items():
+            keep = held_out if held else ~held_out
+            if not bool(keep.any()):
+                continue
+            part.inputs.append({name: tensor[keep] for name, tensor in batch.items()})
+            if part.labels is not None:
+                part.labels.append(batches.labels[index][keep])
+    return parts[False], parts[True]
+
+
+def _same_dataset(spec: JobSpec) -> bool:
+    """Calibration and evaluation are one dataset: same id, same content hash, or the same file."""
+    calibration, evaluation = spec.calibration_path, spec.evaluation_path
+    if calibration is None or evaluation is None:
+        return False
+    same_id = spec.calibration_id is not None and spec.calibration_id == spec.evaluation_id
+    same_hash = spec.calibration_sha256 is not None and spec.calibration_sha256 == spec.evaluation_sha256
+    return same_id or same_hash or Path(calibration).resolve() == Path(evaluation).resolve()
+
+
+def _split_source(spec: JobSpec, config: MethodConfigBase) -> tuple[Path, str] | None:
+    """(the one dataset to split, its name for the report), or None when no split is needed."""
+    if _same_dataset(spec) or (spec.evaluation_path is not None and spec.calibration_path is None):
+        if spec.calibration_path is None and not config.needs_calibration:
+            return None  # nothing calibrates: the whole evaluation set is held out already
+        return Path(spec.evaluation_path), spec.evaluation_id or "evaluation"  # type: ignore[arg-type]
+    if spec.calibration_path is not None and spec.evaluation_path is None:
+        return Path(spec.calibration_path), spec.calibration_id or "calibration"
+    return None
+
+
+def read_job_data(
+    spec: JobSpec, loaded: LoadedModel, config: MethodConfigBase
+) -> tuple[Batches | None, Batches | None, dict[str, Any] | None]:
+    """(calibration, evaluation, the split or None): disjoint by construction (module docstring)."""
+    calibration_cap, evaluation_cap = sample_caps(spec, loaded)
+    source = _split_source(spec, config)
+    if source is None:
+        calibration = read_dataset(spec.calibration_path, loaded, spec, calibration_cap)
+        return calibration, read_dataset(spec.evaluation_path, loaded, spec, evaluation_cap), None
+    path, name = source
+    whole = read_dataset(path, loaded, spec, calibration_cap + evaluation_cap)
+    assert whole is not None
+    if batch_rows(whole) < 2:
+        raise JobError("dataset_too_small", f"{name} holds {batch_rows(whole)} sample(s); a split needs 2")
+    step = split_step(batch_rows(whole))
+    calibration, evaluation = split_batches(whole, step)
+    calibration, evaluation = head(calibration, calibration_cap), head(evaluation, evaluation_cap)
+    split = {
+        "from": name,
+        "rule": f"{SPLIT_RULE}; k = {step}",
+        "calibration": batch_rows(calibration),
+        "evaluation": batch_rows(evaluation),
+    }
+    return calibration, evaluation, split
+
+
 def _describe(batches: Batches | None, source: str | None) -> dict[str, Any] | None:
     if batches is None:
         return None
@@ -99,29 +179,32 @@ def plan_data(
     loaded: LoadedModel,
     *,
     seq_len: int,
-    calibration_cap: int,
+    split: dict[str, Any] | None = None,
 ) -> tuple[Batches | None, Batches, dict[str, Any]]:
     """(batches for the method, batches for fidelity, the report's `data` section)."""
     notes: list[str] = []
-    method_data, method_source = calib, "calibration" if calib is not None else None
     if config.needs_calibration and calib is None:
-        if evaluation is None:
-            raise JobError("calibration_required", f"{config.method} needs calibration data; none was given")
-        method_data, method_source = head(evaluation, calibration_cap), "evaluation"
-        notes.append(f"{config.method} needs calibration data and none was given: it used the evaluation set")
+        raise JobError("calibration_required", f"{config.method} needs calibration data; none was given")
+    if split is not None:
+        notes.append(
+            f"one dataset ({split['from']}) split into {split['calibration']} calibration and "
+            f"{split['evaluation']} held-out evaluation samples: {split['rule']}"
+        )
     eval_data, eval_source = evaluation, "evaluation"
-    if evaluation is None and calib is not None:
-        eval_data, eval_source = calib, "calibration"
-        notes.append("no evaluation set: fidelity measured on the calibration data (optimistic)")
     if eval_data is None:
         eval_data = synthetic_batches(loaded.input_specs, loaded, SYNTHETIC_SAMPLES, seq_len)
         eval_source = "synthetic"
-        notes.append(f"no data at all: fidelity on {SYNTHETIC_SAMPLES} synthetic random inputs, no task metric")
+        notes.append(
+            f"no evaluation data: export and latency on {SYNTHETIC_SAMPLES} synthetic inputs, no task metric; "
+            "the gate's verdict is inconclusive"
+        )
+    method_source = "calibration" if calib is not None else None
     section = {
         "calibration": _describe(calib, "calibration"),
         "evaluation": _describe(eval_data, eval_source),
-        "method_data": _describe(method_data, method_source),
+        "method_data": _describe(calib, method_source),
         "used_for": {"method": method_source, "fidelity": eval_source},
+        "split": split,
         "notes": notes,
     }
-    return method_data, eval_data, section
+    return calib, eval_data, section

@@ -16,7 +16,7 @@ from compression.io import LoadedModel, load_model
 from compression.io.data import read_pairs
 from compression.methods.spec import MeasureFn, MethodRun
 from compression.pipeline.context import JobError, JobSpec, Stages, parse, to_device
-from compression.pipeline.data import plan_data, read_dataset, sample_caps
+from compression.pipeline.data import plan_data, read_job_data
 from compression.pipeline.preflight import refuse_if_over_memory
 from compression.pipeline.report import fraction_at_target, layer_rows
 from compression.types import Batches, CompressionResult
@@ -38,13 +38,11 @@ def load_inputs(spec: JobSpec, stages: Stages) -> JobInputs:
         loaded = load_model(spec.model_path, work_dir=spec.work_dir / "load", limits=spec.archive_limits)
         refuse_if_over_memory(loaded, config, spec.max_memory_bytes)
         stages.report(0.6, f"loaded a {loaded.format} {loaded.task} model ({loaded.info['params']:,} params)")
-        calib_cap, eval_cap = sample_caps(spec, loaded)
-        calib = read_dataset(spec.calibration_path, loaded, spec, calib_cap)
-        evaluation = read_dataset(spec.evaluation_path, loaded, spec, eval_cap)
+        calib, evaluation, split = read_job_data(spec, loaded, config)
     except CompressionError as error:
         raise JobError(error.code, error.message) from error
     method_data, eval_data, data_section = plan_data(
-        config, calib, evaluation, loaded, seq_len=spec.seq_len, calibration_cap=calib_cap
+        config, calib, evaluation, loaded, seq_len=spec.seq_len, split=split
     )
     stages.end()
     adapt = registry.spec_for(config).adapt_config

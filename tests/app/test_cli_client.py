@@ -78,6 +78,21 @@ def test_passing_and_failing_gates_exit_0_and_1(ci) -> None:  # type: ignore[no-
     assert "already on server" in failing.stderr, "the model was uploaded once, then found by sha256"
 
 
+def test_no_evaluation_data_is_inconclusive_and_exits_5(ci) -> None:  # type: ignore[no-untyped-def]
+    env, model, _, tmp = ci
+    args = [str(model), "--method", "quant_rtn", "--config", '{"bits": 8, "group_size": null}', "--wait"]
+    done = run_cli("compress", *args, "--max-metric-drop", "0.5", "--out", str(tmp / "none"), env=env)
+    assert done.returncode == 5, done.stderr
+    report = json.loads((tmp / "none" / "report.json").read_text())
+    assert report["gate"]["verdict"] == "inconclusive" and report["data"]["used_for"]["fidelity"] == "synthetic"
+    assert "verdict: inconclusive" in done.stdout and "note: no evaluation data" in done.stdout
+    suite = ET.parse(tmp / "none" / "junit.xml").getroot()
+    assert suite.get("errors") == "1" and suite.get("failures") == "0"
+    assert [case.get("name") for case in suite.iter("testcase") if case.find("skipped") is not None] == [
+        "max_metric_drop"
+    ]
+
+
 def test_retried_step_reuses_the_job(ci) -> None:  # type: ignore[no-untyped-def]
     env, model, data, tmp = ci
     args = ["compress", str(model), "--method", "quant_rtn", "--evaluation", str(data), "--out", str(tmp / "o")]

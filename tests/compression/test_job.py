@@ -84,16 +84,19 @@ def test_run_job_end_to_end(inputs: dict[str, Path], tmp_path: Path) -> None:
     assert manifest["config"]["bits"] == 4 and manifest["inputs"]["model"].startswith("sha256:")
 
 
-def test_no_data_uses_synthetic_inputs_and_says_so(inputs: dict[str, Path], tmp_path: Path) -> None:
-    spec = _spec(inputs, tmp_path, calibration_path=None, evaluation_path=None, config={"bits": 8})
+def test_no_data_uses_synthetic_inputs_and_the_verdict_is_inconclusive(inputs: dict[str, Path], tmp_path: Path) -> None:
+    gate = {"max_metric_drop": 0.5}
+    spec = _spec(inputs, tmp_path, calibration_path=None, evaluation_path=None, config={"bits": 8}, gate=gate)
     report = run_job(spec, progress=lambda *e: None, should_cancel=_never).report
     assert report["data"]["used_for"]["fidelity"] == "synthetic"
-    assert any("synthetic" in note for note in report["data"]["notes"])
+    assert any("synthetic" in note and "inconclusive" in note for note in report["data"]["notes"])
     assert report["fidelity"]["metric"]["name"] == "top1_agreement"
     assert report["fidelity"]["top1_agreement"] > 0.9  # 8-bit barely moves the logits
+    assert report["gate"]["checks"][0]["passed"]  # the check passes on random inputs; the verdict still is not
+    assert report["gate"]["verdict"] == "inconclusive"
 
 
-def test_calibration_falls_back_to_evaluation_only_when_needed(
+def test_evaluation_set_alone_is_split_for_a_method_that_calibrates(
     inputs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(RTNConfig, "needs_calibration", True)
@@ -103,9 +106,16 @@ def test_calibration_falls_back_to_evaluation_only_when_needed(
     assert error.value.code == "calibration_required"
     spec = _spec(inputs, tmp_path / "b", calibration_path=None, calibration_samples=32)
     report = run_job(spec, progress=lambda *e: None, should_cancel=_never).report
-    assert report["data"]["used_for"] == {"method": "evaluation", "fidelity": "evaluation"}
-    assert any("used the evaluation set" in note for note in report["data"]["notes"])
-    assert report["data"]["method_data"]["samples"] == 32  # capped at calibration_samples
+    split = report["data"]["split"]
+    # 256 samples: k = 5, so 51 held out; the other 205 capped at calibration_samples
+    assert {key: split[key] for key in ("from", "calibration", "evaluation")} == {
+        "from": "evaluation",
+        "calibration": 32,
+        "evaluation": 51,
+    }
+    assert report["data"]["used_for"] == {"method": "calibration", "fidelity": "evaluation"}
+    assert report["fidelity"]["samples"] == 51 and report["data"]["method_data"]["samples"] == 32
+    assert any("held-out" in note for note in report["data"]["notes"])
 
 
 def test_cancel_stops_the_job(inputs: dict[str, Path], tmp_path: Path) -> None:

@@ -104,7 +104,8 @@ def test_a_registered_method_runs_end_to_end(
     assert report["method"] == "quant_identity" and report["config"]["copies"] == 2  # adapt_config ran
     assert report["stats"] == {"identity": {"candidates": 2}}  # the method's report section
     assert report["variant_notes"] == ["picked candidate 2 under gate {'max_metric_drop': 0.5}"]
-    assert report["data"]["used_for"] == {"method": "calibration", "fidelity": "calibration"}
+    assert report["data"]["used_for"] == {"method": "calibration", "fidelity": "evaluation"}
+    assert report["data"]["split"]["from"] == "calibration"  # the one dataset was split, not reused
     assert report["fidelity"]["metric"]["drop"] == 0.0  # the identity changes nothing
     assert report["gate"]["verdict"] == "pass"
     assert output.artifacts["onnx"].is_file()

@@ -69,6 +69,7 @@ def test_torch_export_resnet_through_the_service(service_env, make_api, workers,
     assert job["status"] == "succeeded", job
     report = api.get(f"/v1/jobs/{job['id']}/report").json()
     assert report["model"]["format"] == "torch_export"
+    assert report["data"]["split"]["from"] == dataset["id"], "one dataset for both roles is split, not reused"
     assert report["fidelity"]["metric"]["name"] == "accuracy"
     assert report["original"]["metric"] > 0.85 and report["compressed"]["metric"] > 0.8
     assert report["compressed"]["size_bytes"] < report["original"]["size_bytes"] / 2
@@ -155,6 +156,7 @@ def test_mixed_precision_sweep_through_the_service(service_env, make_api, worker
     job = wait_for(api, api.post("/v1/jobs", json=body).json()["id"], finished, 600, workers)
     assert job["status"] == "succeeded", job
     report = api.get(f"/v1/jobs/{job['id']}/report").json()
+    assert report["data"]["split"]["from"] == dataset["id"], "one dataset for both roles is split, not reused"
     points = report["stats"]["pareto"]
     assert [p["budget"] for p in points] == [2.5, 3.0, 3.5]
     assert all(p["avg_bits"] <= p["budget"] + 1e-6 and "task_metric" in p["measured"] for p in points)
@@ -203,6 +205,7 @@ def test_structured_pruning_of_both_model_families(service_env, make_api, worker
         assert job["status"] == "succeeded", job
         report = api.get(f"/v1/jobs/{job_id}/report").json()
         assert report["compressed"]["params"] < report["original"]["params"]
+        assert report["data"]["split"]["from"] in (images_id, pairs_id), "one dataset, split"
         assert report["export_check"]["passed"] is True
         assert set(report["latency"]["speedup_by_batch"]) == {"1", "32"}, "speedup measured, not assumed"
     resnet_report = api.get(f"/v1/jobs/{ids[0]}/report").json()
