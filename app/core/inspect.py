@@ -28,18 +28,22 @@ from compression.archives import (
     read_counted,
     tar_members,
 )
+from compression.formats import (
+    SAFE_FORMATS,
+    FormatRefused,
+    archive_kind,
+    file_kind,
+    is_pickle,
+    pickle_refused,
+    read_head,
+)
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
-SAFE_FORMATS = (
-    "ONNX (.onnx, or a zip with external data), torch.export (.pt2), "
-    "a Hugging Face directory (zip/tar with config.json and *.safetensors)"
-)
 MAX_JSON_MEMBER_BYTES = 64 * 1024**2  # config.json, a .pt2's model.json: read whole, so bounded
 MAX_ONNX_BYTES = 2 * 1024**3  # protobuf's own limit for one serialized ModelProto
 MAX_SAFETENSORS_HEADER_BYTES = 32 * 1024**2
-ONNX_MAGIC = b"\x08"  # a serialized ModelProto starts with field 1 (ir_version, varint)
 _PT2_DTYPES = {
     1: "uint8",
     2: "int8",
@@ -93,58 +97,24 @@ def _guarded(inspect: Callable[[Path, ArchiveLimits], T], path: Path, limits: Ar
         raise
     except ArchiveRefused as exc:
         raise InspectError(exc.code, exc.message, status=exc.status) from exc
+    except FormatRefused as exc:
+        raise InspectError(exc.code, exc.message) from exc
     except Exception as exc:
         logger.info("upload refused: inspection failed", exc_info=True)
         raise InspectError(code, f"the upload could not be read ({type(exc).__name__}: {exc})") from exc
 
 
 def _inspect_model(path: Path, limits: ArchiveLimits) -> Inspection:
-    head = _head(path)
-    if _is_pickle(head):
-        raise _pickle_refused("the file is a Python pickle")
-    if head.startswith(b"PK\x03\x04"):
+    kind = file_kind(path)
+    if kind == "pickle":
+        raise pickle_refused("the file is a Python pickle")
+    if kind == "zip":
         return _inspect_zip(path, limits)
-    if _is_tar(path):
+    if kind == "tar":
         return _inspect_tar(path, limits)
-    if not head.startswith(ONNX_MAGIC):
+    if kind != "onnx":
         raise InspectError("invalid_model", f"not a model file. Upload one of: {SAFE_FORMATS}.")
     return _inspect_onnx_bytes(path.read_bytes(), external={})
-
-
-def _head(path: Path, size: int = 512) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read(size)
-
-
-def _is_pickle(head: bytes) -> bool:
-    return len(head) > 2 and head[0] == 0x80 and 2 <= head[1] <= 5
-
-
-_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")
-
-
-def _is_tar(path: Path) -> bool:
-    """A POSIX/GNU tar by its `ustar` magic, or a compressed stream that opens as a tar.
-
-    `tarfile.is_tarfile` alone would scan a whole large non-tar file (a run of zero blocks reads as an
-    empty archive), so plain files are judged by their header.
-    """
-    head = _head(path, 512)
-    if head[257:262] == b"ustar":
-        return True
-    if not head.startswith(_COMPRESSED_MAGIC):
-        return False
-    try:
-        return tarfile.is_tarfile(path)
-    except (OSError, EOFError):
-        return False
-
-
-def _pickle_refused(why: str) -> InspectError:
-    return InspectError(
-        "pickle_refused",
-        f"{why}; modelpress never unpickles uploads. Upload one of: {SAFE_FORMATS}.",
-    )
 
 
 def check_member_name(name: str) -> None:
@@ -225,20 +195,16 @@ def _check_tar_member(member: tarfile.TarInfo) -> None:
 
 def _inspect_archive(members: _Members) -> Inspection:
     names = members.names
-    base = {PurePosixPath(n).name: n for n in names}
-    if any(n.endswith("archive_format") for n in names) and any(n.endswith("models/model.json") for n in names):
+    kind = archive_kind(names)
+    if kind == "torch_export":
         return _inspect_pt2(members)
-    if any(n.endswith(("data.pkl", ".pkl", ".pickle")) for n in names):
-        raise _pickle_refused("the archive is a torch.save checkpoint (pickle)")
-    if "config.json" in base:
+    if kind == "hf_archive":
         return _inspect_hf(members)
-    onnx_files = [n for n in names if n.endswith(".onnx")]
-    if len(onnx_files) == 1:
-        external = {PurePosixPath(n).name: n for n in names if n != onnx_files[0]}
-        inspection = _inspect_onnx_bytes(members.read(onnx_files[0], cap=MAX_ONNX_BYTES), external=external)
-        inspection.info["container"] = members.container
-        return inspection
-    raise InspectError("unknown_format", f"archive holds no model. Upload one of: {SAFE_FORMATS}.")
+    onnx_file = next(n for n in names if n.endswith(".onnx"))
+    external = {PurePosixPath(n).name: n for n in names if n != onnx_file}
+    inspection = _inspect_onnx_bytes(members.read(onnx_file, cap=MAX_ONNX_BYTES), external=external)
+    inspection.info["container"] = members.container
+    return inspection
 
 
 def _inspect_onnx_bytes(data: bytes, *, external: dict[str, str]) -> Inspection:
@@ -292,7 +258,7 @@ def _inspect_pt2(members: _Members) -> Inspection:
     for cfg_name in weights_cfg:
         for entry in members.read_json(cfg_name).get("config", {}).values():
             if entry.get("use_pickle"):
-                raise _pickle_refused("the .pt2 archive stores pickled tensors")
+                raise pickle_refused("the .pt2 archive stores pickled tensors")
             if "weights" in cfg_name:
                 params += _pt2_numel(entry.get("tensor_meta", {}))
     graph = members.read_json(model_json)["graph_module"]
@@ -330,7 +296,7 @@ def _inspect_hf(members: _Members) -> Inspection:
     weights = [n for n in names if n.endswith(".safetensors") and str(PurePosixPath(n).parent) == root]
     if not weights:
         if any(n.endswith((".bin", ".pt", ".pth", ".ckpt")) for n in names):
-            raise _pickle_refused("the Hugging Face directory has only pickled weights (.bin/.pt)")
+            raise pickle_refused("the Hugging Face directory has only pickled weights (.bin/.pt)")
         raise InspectError("invalid_model", "the Hugging Face directory has no *.safetensors weights")
     params = sum(_safetensors_numel(members, n) for n in weights)
     tokenizer = any(PurePosixPath(n).name in {"tokenizer.json", "tokenizer.model", "vocab.txt"} for n in names)
@@ -387,9 +353,9 @@ def inspect_dataset_file(path: Path, limits: ArchiveLimits | None = None) -> tup
 
 
 def _inspect_dataset(path: Path, limits: ArchiveLimits) -> tuple[str, dict[str, Any]]:
-    head = _head(path)
-    if _is_pickle(head):
-        raise _pickle_refused("the dataset is a Python pickle")
+    head = read_head(path)
+    if is_pickle(head):
+        raise pickle_refused("the dataset is a Python pickle")
     if head.startswith(b"PK\x03\x04"):
         return "npz", _inspect_npz(path, limits)
     return "text", _inspect_text(path)

@@ -8,6 +8,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from compression.primitives.layers import find_layers
+from compression.primitives.macs import batch_rows, count_macs
 from compression.types import CompressionResult
 
 
@@ -28,8 +30,8 @@ def bits_per_weight(result: CompressionResult) -> dict[str, Any]:
     code_bits = sum(q.codes.numel() * q.bits for q in result.quantized.values())
     scale_bits = sum(_scale_bits(result, name) for name in result.quantized)
     float_weights = 0
-    for name, module in result.model.named_modules():
-        if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and name not in result.quantized:
+    for name, module in find_layers(result.model).items():
+        if name not in result.quantized:
             float_weights += module.weight.numel()
     total = quant_weights + float_weights
     return {
@@ -54,28 +56,8 @@ def model_size(model: nn.Module, path: Path | None = None, result: CompressionRe
     return report
 
 
-@torch.no_grad()
 def estimate_flops(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """Multiply-accumulate count of Conv and Linear layers for one forward pass of `batch` (x2 = FLOPs)."""
-    macs: dict[str, int] = {}
-
-    def hook(module: nn.Module, args: Any, output: torch.Tensor, name: str) -> None:
-        if isinstance(module, nn.Linear):
-            macs[name] = macs.get(name, 0) + output.numel() * module.in_features
-        else:
-            kernel = module.weight[0].numel()  # in/groups * k...
-            macs[name] = macs.get(name, 0) + output.numel() * kernel
-
-    handles = [
-        m.register_forward_hook(lambda mod, a, o, name=n: hook(mod, a, o, name))
-        for n, m in model.named_modules()
-        if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d))
-    ]
-    try:
-        model.eval()(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    rows = next(iter(batch.values())).shape[0]
+    macs = {name: n for name, n in count_macs(model.eval(), batch).items() if n}
     total = sum(macs.values())
-    return {"macs": total, "flops": 2 * total, "per_sample_flops": 2 * total / max(rows, 1), "layers": macs}
+    return {"macs": total, "flops": 2 * total, "per_sample_flops": 2 * total / batch_rows(batch), "layers": macs}

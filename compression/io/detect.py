@@ -6,8 +6,7 @@ import lzma
 import tarfile
 import zipfile
 import zlib
-from pathlib import Path, PurePosixPath
-from typing import Literal
+from pathlib import Path
 
 import onnx
 from google.protobuf.message import DecodeError
@@ -20,23 +19,11 @@ from compression.archives import (
     copy_counted,
     tar_members,
 )
+from compression.formats import SAFE_FORMATS, FormatRefused, ModelKind, archive_kind, file_kind, pickle_refused
 from compression.io.errors import ModelLoadError
 
-Detected = Literal["onnx", "onnx_zip", "torch_export", "hf_dir", "hf_archive"]
-SAFE_FORMATS = "ONNX (.onnx), torch.export (.pt2) or a Hugging Face directory with *.safetensors"
+Detected = ModelKind
 PICKLE_MESSAGE = "pickled files (torch.save, .bin, .pkl) are refused: loading them runs code. Upload " + SAFE_FORMATS
-
-
-def _zip_kind(names: list[str]) -> Detected:
-    if any(PurePosixPath(n).name == "archive_format" for n in names):
-        return "torch_export"
-    if any(n.endswith(".onnx") for n in names):
-        return "onnx_zip"
-    if any(PurePosixPath(n).name == "config.json" for n in names):
-        return "hf_archive"
-    if any(n.endswith((".pkl", "data.pkl")) for n in names):
-        raise ModelLoadError("pickle_refused", PICKLE_MESSAGE)
-    raise ModelLoadError("invalid_model", "zip archive holds neither an ONNX model, a .pt2 export nor a HF config.json")
 
 
 def _parse_onnx_bytes(data: bytes) -> onnx.ModelProto | None:
@@ -53,7 +40,7 @@ def detect_format(path: Path, limits: ArchiveLimits | None = None) -> Detected:
     decompression_bomb). Archives are judged by their headers within `limits`, never unpacked here."""
     try:
         return _detect(path, limits or ArchiveLimits())
-    except ArchiveRefused as error:
+    except (ArchiveRefused, FormatRefused) as error:
         raise ModelLoadError(error.code, error.message) from error
 
 
@@ -64,28 +51,27 @@ def _detect(path: Path, limits: ArchiveLimits) -> Detected:
         raise ModelLoadError("invalid_model", "a model directory must hold a Hugging Face config.json")
     if not path.is_file() or path.stat().st_size == 0:
         raise ModelLoadError("invalid_model", "the model file is missing or empty")
-    if zipfile.is_zipfile(path):
+    kind = file_kind(path)
+    if kind == "pickle":
+        raise pickle_refused("the file is a Python pickle")
+    if kind == "zip":
         with zipfile.ZipFile(path) as archive:
             check_zip_declared(archive, path.stat().st_size, limits)
-            return _zip_kind(archive.namelist())
-    with path.open("rb") as handle:
-        head = handle.read(2)
-    if head[:1] == b"\x80":
-        raise ModelLoadError("pickle_refused", PICKLE_MESSAGE)
-    if _is_tar(path, limits):
-        return "hf_archive"
-    if _parse_onnx_bytes(path.read_bytes()) is not None:
+            return archive_kind([i.filename for i in archive.infolist() if not i.is_dir()])
+    if kind == "tar":
+        return _tar_kind(path, limits)
+    if kind == "onnx" and _parse_onnx_bytes(path.read_bytes()) is not None:
         return "onnx"
     raise ModelLoadError("invalid_model", f"not a readable model: expected {SAFE_FORMATS} (file truncated?)")
 
 
-def _is_tar(path: Path, limits: ArchiveLimits) -> bool:
+def _tar_kind(path: Path, limits: ArchiveLimits) -> Detected:
     budget = UnpackBudget(limits, path.stat().st_size)
     try:
         with tarfile.open(path) as archive:
-            return any(PurePosixPath(m.name).name == "config.json" for m in tar_members(archive, budget))
-    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError):
-        return False
+            return archive_kind([m.name for m in tar_members(archive, budget) if m.isfile()])
+    except (tarfile.TarError, OSError, EOFError, zlib.error, lzma.LZMAError) as error:
+        raise ModelLoadError("invalid_model", f"unreadable tar archive: {error}") from error
 
 
 def safe_extract(path: Path, dest: Path, limits: ArchiveLimits | None = None) -> Path:

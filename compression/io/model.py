@@ -22,10 +22,10 @@ from compression.io.onnx_checks import default_opset
 from compression.io.onnx_graph import fold_initializer_identities
 from compression.io.onnx_torch import OnnxModule
 from compression.io.pt2_safety import sanitize_pt2
+from compression.primitives.layers import find_layers
 
 Format = Literal["onnx", "torch_export", "hf_dir"]
 Task = Literal["classifier", "encoder", "causal_lm", "generic"]
-QUANTIZABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 ONNX_DTYPE_NAMES = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float16",
@@ -62,7 +62,8 @@ class LoadedModel:
 
 
 def quantizable_layer_names(module: nn.Module) -> list[str]:
-    return [name for name, child in module.named_modules() if isinstance(child, QUANTIZABLE_TYPES)]
+    """The layers a weight quantizer works on (`compression.primitives.layers.find_layers`)."""
+    return list(find_layers(module))
 
 
 def describe_module(module: nn.Module, architecture: str, **extra: Any) -> dict[str, Any]:

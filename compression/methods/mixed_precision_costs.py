@@ -8,34 +8,21 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import torch
 from torch import nn
 
 from compression.configs import MixedPrecisionConfig
 from compression.errors import CompressionError
 from compression.primitives.allocation import AllocationProblem, BudgetRow, uniform_equivalent_limit
-from compression.primitives.layers import get_weight_matrix
+from compression.primitives.macs import batch_rows, count_macs
 from compression.primitives.sensitivity import SensitivityScores, Table
 
 FLOAT_BITS = 16
 
 
-@torch.no_grad()
 def layer_macs(model: nn.Module, layers: dict[str, nn.Module], batch: dict[str, Any]) -> dict[str, float]:
     """Multiply-accumulates per sample of each layer in one forward of `batch` (0: never called)."""
-    macs = dict.fromkeys(layers, 0.0)
-
-    def hook(name: str, module: nn.Module, output: torch.Tensor) -> None:
-        macs[name] += float(output.numel() * get_weight_matrix(module).shape[1])
-
-    handles = [m.register_forward_hook(lambda m, a, out, n=n: hook(n, m, out)) for n, m in layers.items()]
-    try:
-        model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    rows = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
-    return {name: value / rows for name, value in macs.items()}
+    rows = batch_rows(batch)
+    return {name: value / rows for name, value in count_macs(model, batch, layers).items()}
 
 
 @dataclass

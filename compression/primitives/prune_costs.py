@@ -3,7 +3,6 @@ estimate after removing units of channel groups (used to search keep counts with
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -13,6 +12,7 @@ import torch_pruning as tp
 from torch import nn
 
 from compression.primitives.depgraph import ChannelGroup, attention_layouts
+from compression.primitives.macs import batch_rows, call_macs
 
 _TP_GRAPH = tp.DependencyGraph()  # never built: only its per-layer-type pruners are used
 
@@ -62,7 +62,7 @@ def measure_costs(model: nn.Module, batch: dict[str, Any]) -> CostTable:
     for name, module in model.named_modules():
         if name in table and isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)):
             handles.append(module.register_forward_hook(_mac_hook(table[name], name in q_layers)))
-    batch_size = _batch_size(batch)
+    batch_size = batch_rows(batch)
     try:
         model(**batch)
     finally:
@@ -75,22 +75,12 @@ def measure_costs(model: nn.Module, batch: dict[str, Any]) -> CostTable:
     return CostTable(table, total, count_params(model))
 
 
-def _batch_size(batch: dict[str, Any]) -> int:
-    for value in batch.values():
-        if isinstance(value, torch.Tensor) and value.dim() > 0:
-            return int(value.shape[0])
-    return 1
-
-
 def _mac_hook(cost: ModuleCost, is_query: bool) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        if isinstance(module, nn.Linear):
-            cost.macs += output.numel() * module.in_features
-            if is_query and output.dim() == 3:  # scores q·kᵀ and weights·v: 2·T·T·(heads·head_dim)
-                cost.macs_out += 2 * output.shape[0] * output.shape[1] ** 2 * output.shape[2]
-        else:
-            kernel = math.prod(module.kernel_size)
-            cost.macs += output.numel() * (module.in_channels // module.groups) * kernel
+        cost.macs += call_macs(module, output) or 0
+        if is_query and isinstance(module, nn.Linear) and output.dim() == 3:
+            # scores q·kᵀ and weights·v: 2·T·T·(heads·head_dim)
+            cost.macs_out += 2 * output.shape[0] * output.shape[1] ** 2 * output.shape[2]
 
     return hook
 
