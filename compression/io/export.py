@@ -232,7 +232,7 @@ def match_layers_by_value(graph: onnx.GraphProto, model: nn.Module, names: list[
     inits = {init.name: init for init in graph.initializer}
     by_value: dict[tuple[tuple[int, ...], str], WeightLayer] = {}
     for layer in find_weight_layers(graph):
-        if layer.kind == "batchnorm":
+        if layer.kind not in ("conv", "linear"):
             continue
         array = numpy_helper.to_array(inits[layer.initializers["weight"]])
         matrix = array.T if layer.transposed else array.reshape(array.shape[0], -1)

@@ -18,7 +18,7 @@ from onnx import helper, numpy_helper
 class WeightLayer:
     """One graph node whose weights live in initializers.
 
-    kind: "conv" | "linear" | "batchnorm". For linear, `transposed` means the initializer is [K, N]
+    kind: "conv" | "linear" | "batchnorm" | "layernorm". For linear, `transposed` means the initializer is [K, N]
     (MatMul, or Gemm with transB=0) while nn.Linear.weight is [N, K].
     initializers: role ("weight", "bias", "running_mean", "running_var") -> initializer name.
     """
@@ -75,11 +75,27 @@ def _classify(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> tuple
     if node.op_type == "BatchNormalization" and all(_float_initializer(n, inits) for n in inputs[1:5]):
         roles = dict(zip(("weight", "bias", "running_mean", "running_var"), inputs[1:5], strict=True))
         return "batchnorm", roles, False
+    if node.op_type == "LayerNormalization":
+        return _classify_layer_norm(inputs, attrs, len(node.output), inits)
     return None
 
 
+def _classify_layer_norm(
+    inputs: list[str], attrs: dict[str, Any], outputs: int, inits: dict[str, onnx.TensorProto]
+) -> tuple[str, dict[str, str], bool] | None:
+    """A last-axis LayerNormalization with a constant 1-D scale (and bias) is an nn.LayerNorm, so pruning
+    sees the channels it normalizes; other forms (several axes, Mean/InvStdDev outputs) stay functional."""
+    present = [name for name in inputs[1:3] if name]
+    if attrs.get("axis", -1) != -1 or outputs != 1 or not present:
+        return None
+    if not all(_float_initializer(n, inits) and len(inits[n].dims) == 1 for n in present):
+        return None
+    return "layernorm", dict(zip(("weight", "bias"), present, strict=False)), False
+
+
 def find_weight_layers(graph: onnx.GraphProto) -> list[WeightLayer]:
-    """Every Conv / Gemm / MatMul / BatchNormalization node with constant weights, named after them.
+    """Every Conv / Gemm / MatMul / BatchNormalization / LayerNormalization node with constant weights,
+    named after them.
 
     A weight shared by two nodes (tied weights) is taken by the first node only; the others stay
     functional ops reading the shared constant.

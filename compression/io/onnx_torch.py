@@ -1,8 +1,9 @@
 """ONNX -> torch: an nn.Module that interprets the graph in order with torch ops.
 
 Conv nodes with constant weights become nn.Conv1d/nn.Conv2d submodules, Gemm/MatMul with a
-constant weight become nn.Linear, BatchNormalization becomes nn.BatchNorm2d, so compression
-methods see (and may replace or reshape) real layers. Submodules are named after their weight
+constant weight become nn.Linear, BatchNormalization becomes nn.BatchNorm2d and a last-axis
+LayerNormalization nn.LayerNorm, so compression methods see (and may replace or reshape) real
+layers. Submodules are named after their weight
 initializer (`layer1.conv1.weight` -> `layer1.conv1`), so a model exported from torch keeps its
 layer names. `layer_initializers` maps each such module back to the initializers it came from.
 """
@@ -79,6 +80,13 @@ def _build_conv(weight: torch.Tensor, bias: torch.Tensor | None, attrs: dict[str
     return conv
 
 
+def _build_layer_norm(roles: dict[str, torch.Tensor], attrs: dict[str, Any]) -> nn.LayerNorm:
+    norm = nn.LayerNorm(roles["weight"].numel(), eps=attrs.get("epsilon", 1e-5), bias="bias" in roles)
+    for role, tensor in roles.items():
+        getattr(norm, role).data.copy_(tensor)
+    return norm
+
+
 def _build_module(layer: WeightLayer, consts: dict[str, torch.Tensor], attrs: dict[str, Any]) -> nn.Module:
     roles = {role: consts[name].float() for role, name in layer.initializers.items()}
     if layer.kind == "conv":
@@ -90,6 +98,8 @@ def _build_module(layer: WeightLayer, consts: dict[str, torch.Tensor], attrs: di
         if "bias" in roles:
             linear.bias.data.copy_(roles["bias"].reshape(-1).expand(weight.shape[0]))
         return linear
+    if layer.kind == "layernorm":
+        return _build_layer_norm(roles, attrs)
     bn = nn.BatchNorm2d(roles["weight"].numel(), eps=attrs.get("epsilon", 1e-5))
     for role in ("weight", "bias"):
         getattr(bn, role).data.copy_(roles[role])
