@@ -258,6 +258,8 @@ def _tokenizer_metadata(writer: Any, tokenizer: Any, vocab_size: int) -> str:
             tokens.append(text)
             scores.append(score)
             types.append(int(token_type))
+        if len(tokens) > vocab_size:
+            return f"tokenizer.ggml.* not written: {len(tokens)} tokens for a {vocab_size}-row embedding table"
         tokens += [f"[PAD{index}]".encode() for index in range(len(tokens), vocab_size)]
         scores += [-1000.0] * (vocab_size - len(scores))
         types += [int(gguf.TokenType.UNUSED)] * (vocab_size - len(types))
