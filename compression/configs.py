@@ -45,6 +45,11 @@ class MethodConfigBase(_Inert):
         max_length=MAX_LAYER_ENTRIES,
         description="Module names (or fnmatch patterns) left untouched, e.g. from a previous report's suggestions.",
     )
+    hf_float_dir: bool = Field(
+        False,
+        description="Hugging Face uploads: also write the dequantized float directory (artifact `hf_float_dir`); "
+        "`hf_dir` is the compressed-tensors checkpoint.",
+    )
 
     @classmethod
     def data_needs(cls) -> dict[str, Any]:

@@ -58,6 +58,9 @@ class EncoderMeanPooled(nn.Module):
         return (hidden * mask).sum(1) / mask.sum(1).clamp_min(1e-9)
 
 
+WRAPPERS = (CausalLMLogits, ClassifierLogits, EncoderMeanPooled)
+
+
 def _task_of(architectures: list[str]) -> Task:
     if any(a.endswith("ForCausalLM") for a in architectures):
         return "causal_lm"
@@ -122,13 +125,19 @@ def load_hf_dir(model_dir: Path) -> LoadedModel:
     return LoadedModel("hf_dir", wrapper.eval(), specs, task, load_tokenizer(model_dir), None, info)
 
 
+def inner_model(model: nn.Module) -> tuple[nn.Module, str]:
+    """The Hugging Face model inside one of our wrappers, and the prefix its module names carry there."""
+    inner = getattr(model, "model", None)
+    return (inner, "model.") if isinstance(model, WRAPPERS) and inner is not None else (model, "")
+
+
 def export_hf_dir(model: nn.Module, loaded: LoadedModel, out_dir: Path) -> Path:
     """The compressed model as a Hugging Face directory that `transformers` loads as is.
 
     Weights are the fake-quantized float values (or the pruned shapes, with the rewritten config), saved
     as safetensors; the packed integer form lives in the job's safetensors artifact.
     """
-    inner = getattr(model, "model", model)
+    inner, _ = inner_model(model)
     out_dir.mkdir(parents=True, exist_ok=True)
     inner.save_pretrained(str(out_dir), safe_serialization=True)
     if loaded.tokenizer is not None:

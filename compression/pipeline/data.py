@@ -31,7 +31,7 @@ LOGITS_PER_FORWARD = 1 << 27
 
 def synthetic_batches(specs: list[InputSpec], loaded: LoadedModel, count: int, seq_len: int) -> Batches:
     generator = torch.Generator().manual_seed(0)
-    vocab = getattr(loaded.tokenizer, "vocab_size", None) or 1000
+    vocab = getattr(loaded.tokenizer, "vocab_size", None) or loaded.info.get("vocab_size") or 1000
     batch: dict[str, torch.Tensor] = {}
     for spec in specs:
         shape = [count if i == 0 and d is None else (d or min(seq_len, 32)) for i, d in enumerate(spec.shape)]

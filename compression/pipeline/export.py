@@ -10,9 +10,9 @@ from compression.errors import CompressionError
 from compression.evaluate.latency import paired_latency
 from compression.io import ExportOptions, LoadedModel, export_artifacts, verify_onnx
 from compression.io.export import sha256_file, write_onnx
-from compression.io.hf import export_hf_dir
 from compression.pipeline.context import JobError, JobSpec, Stages, example
 from compression.pipeline.data import latency_batches
+from compression.pipeline.formats import serving_artifacts
 from compression.types import Batches, CompressionResult
 
 
@@ -44,7 +44,7 @@ def export_stage(
     data_section: dict[str, Any],
     stages: Stages,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
-    stages.start("export", "writing ONNX, safetensors and the manifest")
+    stages.start("export", "writing ONNX, safetensors, the manifest and the serving formats")
     loaded.module.cpu()
     result.model.cpu()
     try:
@@ -56,11 +56,14 @@ def export_stage(
             manifest=_manifest(spec, config, data_section),
             options=ExportOptions(accuracy_level=spec.onnx_accuracy_level),
         )
-        if loaded.format == "hf_dir":
-            artifacts["hf_dir"] = export_hf_dir(result.model, loaded, spec.work_dir / "artifacts" / "hf_model")
+        served, formats = serving_artifacts(
+            result, loaded, spec.work_dir / "artifacts", config, manifest=artifacts["manifest"]
+        )
+        artifacts.update(served)
         check = verify_onnx(artifacts["onnx"], result.model, example(eval_data, 64))
     except CompressionError as error:
         raise JobError(error.code, error.message) from error
+    check["formats"] = formats
     if not check.get("passed") and (check.get("max_rel_error") or 1.0) > 0.1:
         raise JobError("export_mismatch", f"the exported ONNX disagrees with the compressed model: {check}")
     stages.end()
