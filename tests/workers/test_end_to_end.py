@@ -234,9 +234,9 @@ def test_redis_restarted_empty_queued_jobs_are_resent(service_env, make_api, pri
     api = make_api()
     model_id, dataset_id = upload_inputs(api, tmp_path)
     job_ids = [submit(api, model_id, dataset_id, bits=bits) for bits in (2, 4, 8)]
-    assert redis.Redis.from_url(url).llen("gpu") == 3
+    assert redis.Redis.from_url(url).llen("cpu") == 3  # quant_rtn routes to cpu
     private_redis()  # restart: the queue is gone
-    assert redis.Redis.from_url(url).llen("gpu") == 0
+    assert redis.Redis.from_url(url).llen("cpu") == 0
     workers.start("after-restart")
     for job_id in job_ids:
         job = wait_for(api, job_id, finished, 240, workers)
