@@ -85,6 +85,18 @@ def service_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cal
 
 
 @pytest.fixture
+def redis_db() -> Iterator[str]:
+    import redis
+
+    url = REDIS_URL if REDIS_URL.rstrip("/").rsplit("/", 1)[-1].isdigit() else f"{REDIS_URL}/7"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
 def make_api() -> Iterator[Callable[[], ApiClient]]:
     """Opens API clients (lifespan and janitor included) on the current env; closes them all after."""
     from fastapi.testclient import TestClient
@@ -188,14 +200,15 @@ class Workers:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir, self.procs = log_dir, []  # type: ignore[var-annotated]
 
-    def start(self, name: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, queues: str = "gpu,cpu", **env: str) -> subprocess.Popen[bytes]:
+        """One worker consuming `queues`, with `env` added to this test's environment."""
         from app.cli import ROOT, worker_command
 
         log = open(self.log_dir / f"worker-{name}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
-            worker_command("gpu,cpu", 1, f"{name}@%h"),
+            worker_command(queues, 1, f"{name}@%h"),
             cwd=ROOT,
-            env=os.environ.copy(),
+            env={**os.environ, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -17,22 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REDIS_URL, ApiClient, Workers
+from tests.conftest import ApiClient, Workers
 from tests.helpers import files
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture
-def redis_db() -> Iterator[str]:
-    import redis
-
-    url = REDIS_URL if REDIS_URL.rstrip("/").rsplit("/", 1)[-1].isdigit() else f"{REDIS_URL}/7"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
 
 
 def upload_inputs(api: ApiClient, tmp_path: Path) -> tuple[str, str]:
