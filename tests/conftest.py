@@ -20,6 +20,21 @@ POSTGRES_ADMIN_URL = os.environ.get("MODELPRESS_TEST_POSTGRES", "postgresql+psyc
 REDIS_URL = os.environ.get("MODELPRESS_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run where CUDA is visible; elsewhere they are skipped, saying why."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+    reason = f"needs a CUDA device; none is visible (torch {torch.__version__}, {build})"
+    for item in gpu_items:
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
 def clear_caches() -> None:
     from app.core.queue import get_celery
     from app.core.settings import get_settings
