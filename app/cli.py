@@ -21,6 +21,7 @@ if TYPE_CHECKING:
 # The directory holding the packages: the checkout in development (tests and benchmarks run from it),
 # site-packages once installed. Nothing at runtime may depend on it.
 ROOT = Path(__file__).resolve().parent.parent
+QUEUES_HELP = "queues to consume, comma-separated: gpu, cpu (default: MODELPRESS_WORKER_QUEUES, gpu,cpu)"
 
 
 def migrate(url: str | None = None) -> None:
@@ -33,7 +34,13 @@ def migrate(url: str | None = None) -> None:
     upgrade_to_head(url or settings.resolved_database_url)
 
 
-def worker_command(queues: str = "gpu,cpu", concurrency: int = 1, name: str | None = None) -> list[str]:
+def worker_command(
+    queues: str | None = None, concurrency: int = 1, name: str | None = None, *, max_tasks_per_child: int | None = None
+) -> list[str]:
+    """The Celery worker command line; queues default to MODELPRESS_WORKER_QUEUES. Without an explicit
+    max_tasks_per_child the worker picks it from its settings and device (workers/device.py)."""
+    from app.core.settings import get_settings
+
     command = [
         sys.executable,
         "-P",  # the installed packages, never an `app/` or `workers/` folder in the working directory
@@ -43,7 +50,7 @@ def worker_command(queues: str = "gpu,cpu", concurrency: int = 1, name: str | No
         "workers.celery_app",
         "worker",
         "-Q",
-        queues,
+        queues or get_settings().worker_queues,
         "--pool",
         "prefork",
         "-c",
@@ -55,13 +62,15 @@ def worker_command(queues: str = "gpu,cpu", concurrency: int = 1, name: str | No
     ]
     if name:
         command += ["-n", name]
+    if max_tasks_per_child is not None:
+        command += ["--max-tasks-per-child", str(max_tasks_per_child)]
     return command
 
 
 class WorkerSupervisor:
     """Keeps local worker processes alive for `modelpress serve`; a crashed one is restarted."""
 
-    def __init__(self, count: int, queues: str) -> None:
+    def __init__(self, count: int, queues: str | None) -> None:
         self.count, self.queues = count, queues
         self.processes: list[subprocess.Popen[bytes]] = []
         self.stop = threading.Event()
@@ -160,7 +169,10 @@ def api_process_app() -> FastAPI:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    os.execv(sys.executable, worker_command(args.queues, args.concurrency))
+    if args.device:
+        os.environ["MODELPRESS_WORKER_DEVICE"] = args.device
+    command = worker_command(args.queues, args.concurrency, max_tasks_per_child=args.max_tasks_per_child)
+    os.execv(sys.executable, command)
     return 0  # pragma: no cover
 
 
@@ -206,6 +218,15 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _queues(text: str) -> str:
+    from app.core.queue import parse_queues
+
+    try:
+        return ",".join(parse_queues(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from error
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="modelpress", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -213,14 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--workers", type=int, default=1, help="local worker processes to supervise (0: none)")
-    serve.add_argument("--queues", default="gpu,cpu")
+    serve.add_argument("--queues", type=_queues, default=None, help=QUEUES_HELP)
     serve.add_argument(
         "--api-workers", type=_positive_int, default=1, help="API processes (uvicorn workers) sharing the port"
     )
     serve.set_defaults(func=cmd_serve)
     worker = sub.add_parser("worker", help="a Celery worker process")
-    worker.add_argument("--queues", default="gpu,cpu")
+    worker.add_argument("--queues", type=_queues, default=None, help=QUEUES_HELP)
     worker.add_argument("--concurrency", type=int, default=1)
+    worker.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default=None, help="default: MODELPRESS_WORKER_DEVICE (auto)"
+    )
+    worker.add_argument(
+        "--max-tasks-per-child",
+        type=int,
+        default=None,
+        help="jobs a pool process runs before it is replaced (default: MODELPRESS_WORKER_MAX_TASKS_PER_CHILD; "
+        "unset: 1 on CUDA, no limit on CPU)",
+    )
     worker.set_defaults(func=cmd_worker)
     sub.add_parser("migrate", help="alembic upgrade head").set_defaults(func=cmd_migrate)
     janitor = sub.add_parser("janitor", help="reap dead workers' jobs, re-send lost messages")

@@ -38,6 +38,8 @@ class MethodConfigBase(_Inert):
     uses_calibration: ClassVar[bool] = True  # False: calibration data is never read (evaluation only measures)
     data_kinds: ClassVar[tuple[str, ...]] = DATA_KINDS
     summary: ClassVar[str] = ""
+    # True: Hessians, sensitivity sweeps or training, which run much faster on a GPU (job routing: `gpu` queue)
+    prefers_gpu: ClassVar[bool] = True
 
     seed: int = Field(0, ge=0, description="Seed for every random choice; same seed, same result.")
     skip_layers: list[LayerName] = Field(
@@ -83,6 +85,7 @@ class QuantizerFields(MethodConfigBase):
 
 class RTNConfig(QuantizerFields):
     needs_calibration: ClassVar[bool] = False
+    prefers_gpu: ClassVar[bool] = False
     summary: ClassVar[str] = "Round-to-nearest weight-only quantization (baseline)."
     method: Literal["quant_rtn"] = "quant_rtn"
 
@@ -139,6 +142,7 @@ class PruneStructuredConfig(MethodConfigBase):
 
 class PruneUnstructuredConfig(MethodConfigBase):
     needs_calibration: ClassVar[bool] = False
+    prefers_gpu: ClassVar[bool] = False
     uses_calibration: ClassVar[bool] = False
     summary: ClassVar[str] = "Magnitude or N:M semi-structured sparsity (smaller on disk; no CPU speedup)."
     method: Literal["prune_unstructured"] = "prune_unstructured"
@@ -219,6 +223,7 @@ class MixedPrecisionConfig(MethodConfigBase):
 
 class DataFreeConfig(MethodConfigBase):
     needs_calibration: ClassVar[bool] = False
+    prefers_gpu: ClassVar[bool] = False
     uses_calibration: ClassVar[bool] = False
     summary: ClassVar[str] = "UDFC: data-free pruning and quantization with closed-form compensation in the next layer."
     method: Literal["data_free"] = "data_free"

@@ -20,6 +20,21 @@ POSTGRES_ADMIN_URL = os.environ.get("MODELPRESS_TEST_POSTGRES", "postgresql+psyc
 REDIS_URL = os.environ.get("MODELPRESS_TEST_REDIS", "redis://127.0.0.1:6379")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` run where CUDA is visible; elsewhere they are skipped, saying why."""
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "a CPU-only build"
+    reason = f"needs a CUDA device; none is visible (torch {torch.__version__}, {build})"
+    for item in gpu_items:
+        item.add_marker(pytest.mark.skip(reason=reason))
+
+
 def clear_caches() -> None:
     from app.core.queue import get_celery
     from app.core.settings import get_settings
@@ -82,6 +97,18 @@ def service_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cal
     clear_caches()
     for url in created:
         drop_postgres_database(url)
+
+
+@pytest.fixture
+def redis_db() -> Iterator[str]:
+    import redis
+
+    url = REDIS_URL if REDIS_URL.rstrip("/").rsplit("/", 1)[-1].isdigit() else f"{REDIS_URL}/7"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
 
 
 @pytest.fixture
@@ -188,14 +215,15 @@ class Workers:
     def __init__(self, log_dir: Path) -> None:
         self.log_dir, self.procs = log_dir, []  # type: ignore[var-annotated]
 
-    def start(self, name: str) -> subprocess.Popen[bytes]:
+    def start(self, name: str, queues: str = "gpu,cpu", **env: str) -> subprocess.Popen[bytes]:
+        """One worker consuming `queues`, with `env` added to this test's environment."""
         from app.cli import ROOT, worker_command
 
         log = open(self.log_dir / f"worker-{name}.log", "wb")  # noqa: SIM115 - closed with the process
         proc = subprocess.Popen(
-            worker_command("gpu,cpu", 1, f"{name}@%h"),
+            worker_command(queues, 1, f"{name}@%h"),
             cwd=ROOT,
-            env=os.environ.copy(),
+            env={**os.environ, **env},
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

@@ -17,6 +17,7 @@ from app.core.queue import get_celery
 from app.core.settings import get_settings
 from app.db import crud
 from app.db.session import get_engine, session_scope
+from workers.device import max_tasks_per_child, probe_device
 from workers.pipeline import sweep_orphaned_temp_dirs
 
 celery_app = get_celery()
@@ -26,15 +27,6 @@ log = logging.getLogger(__name__)
 _stop = threading.Event()
 TEMP_SWEEP_INTERVAL_S = 60.0
 _detected: dict[str, str] = {}
-
-
-def _device() -> str:
-    try:
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    except ImportError:
-        return "cpu"
 
 
 def _beat(name: str, queues: str) -> None:
@@ -62,14 +54,21 @@ def _beat(name: str, queues: str) -> None:
 
 @worker_init.connect
 def _export_node_name(sender: object = None, **_: object) -> None:
-    """Pool children are forked after this: they inherit the node name to report their current job."""
+    """Pool children are forked after this: they inherit the node name to report their current job. The
+    device is found here too, and with it how many jobs a pool process runs before it is replaced."""
     name = getattr(sender, "hostname", None)
     if name:
         os.environ["MODELPRESS_WORKER_NODE"] = name
     # Imports torch here, on the main thread before any fork. Importing it in the heartbeat thread raced
     # with billiard re-forking a SIGKILLed pool child: the child inherited torch's import lock held and
-    # hung forever on its first `import compression.job`.
-    _detected["device"] = _device()
+    # hung forever on its first `import compression.job`. Only the import: `torch.cuda` stays untouched in
+    # this parent (workers/device.py), or no forked pool process could use CUDA.
+    import torch  # noqa: F401
+
+    device = _detected["device"] = probe_device()
+    if getattr(sender, "max_tasks_per_child", None) is None and sender is not None:
+        sender.max_tasks_per_child = max_tasks_per_child(device)  # type: ignore[attr-defined]
+    log.info("worker device %s; jobs per pool process: %s", device, getattr(sender, "max_tasks_per_child", None))
 
 
 @worker_process_init.connect

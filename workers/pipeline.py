@@ -18,6 +18,7 @@ from app.db import crud
 from app.db.models import Dataset, Job, Model
 from app.db.session import session_scope
 from app.storage.store import get_store
+from workers.device import job_device
 from workers.limits import JobLimits
 from workers.reporter import JobCancelled, JobReporter, LostOwnership
 
@@ -48,7 +49,7 @@ def _show_on_dashboard(worker_name: str | None, job_id: str | None) -> None:
 def execute_job(job_id: str, worker_name: str | None = None) -> None:
     host = worker_host()
     with session_scope() as session:
-        if not crud.claim_job(session=session, job_id=job_id, worker_host=host):
+        if not crud.claim_job(session=session, job_id=job_id, worker_host=host, worker_name=worker_name):
             log.info("job %s already claimed or not queued; message ignored", job_id)
             return
     run_claimed_job(job_id, host, worker_name)
@@ -127,7 +128,7 @@ def _run(job_id: str, work_dir: Path, reporter: JobReporter) -> Any:
     settings = get_settings()
     spec = JobSpec(
         work_dir=work_dir / "out",
-        device=_device(),
+        device=job_device(settings),
         calibration_samples=settings.calibration_max_samples,
         evaluation_samples=settings.evaluation_max_samples,
         seq_len=settings.seq_len,
@@ -139,12 +140,6 @@ def _run(job_id: str, work_dir: Path, reporter: JobReporter) -> Any:
     )
     spec.work_dir.mkdir(parents=True, exist_ok=True)
     return run_job(spec, progress=reporter.progress, should_cancel=reporter.cancelled)
-
-
-def _device() -> str:
-    import torch
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _fetch_inputs(job_id: str, work_dir: Path) -> dict[str, Any]:
@@ -223,10 +218,10 @@ def _finish(job_id: str, host: str, status: str, **values: Any) -> None:
 def _fail(job_id: str, host: str, exc: Exception) -> None:
     """Record the failure with its paths redacted; the full traceback goes to the worker log, a short one to
     the job's events."""
-    code = getattr(exc, "code", None) or "internal_error"
-    message = redact_paths(str(getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}"))
-    log.error("job %s failed (%s)", job_id, code, exc_info=exc)
     with session_scope() as session:
+        job = session.get(Job, job_id)
+        code, message = _failure(exc, stage=job.stage if job is not None else None)
+        log.error("job %s failed (%s)", job_id, code, exc_info=exc)
         if crud.finish_job(
             session=session,
             job_id=job_id,
@@ -239,6 +234,19 @@ def _fail(job_id: str, host: str, exc: Exception) -> None:
             job = session.get(Job, job_id)
             assert job is not None
             crud.log_job_event(session=session, job=job, message=f"traceback: {short_traceback(exc, limit=489)}")
+
+
+def _failure(exc: Exception, *, stage: str | None) -> tuple[str, str]:
+    """(code, message) of a failed job; a CUDA out-of-memory error anywhere in the chain is
+    `gpu_out_of_memory` with the numbers, whichever stage hit it and however it was wrapped."""
+    from compression.devices import GPU_OUT_OF_MEMORY, gpu_oom_in, gpu_oom_message
+
+    code = getattr(exc, "code", None) or "internal_error"
+    message = str(getattr(exc, "message", None) or f"{type(exc).__name__}: {exc}")
+    oom = gpu_oom_in(exc)
+    if oom is not None and code != GPU_OUT_OF_MEMORY:
+        code, message = GPU_OUT_OF_MEMORY, gpu_oom_message(oom, where=f"the {stage or 'job'} stage")
+    return code, redact_paths(message)
 
 
 def json_safe(value: Any) -> Any:

@@ -13,8 +13,7 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import APIError, not_found, validation_details
 from app.core.inspect import check_dataset_matches_model
-from app.core.queue import send_job
-from app.core.settings import get_settings
+from app.core.queue import route_job, send_job
 from app.db import crud
 from app.db.models import Dataset, Job, Model, Project
 from app.schemas.api import ArtifactOut, JobCreate, JobError, JobOut, PreflightOut
@@ -170,6 +169,7 @@ def create_job(
     body: JobCreate,
     config: MethodConfigBase,
     idempotency_key: str | None,
+    params: int | None = None,
 ) -> tuple[Job, bool]:
     """Commit the job row (or find the idempotent twin); returns (job, created).
 
@@ -182,6 +182,7 @@ def create_job(
         replayed = _replay_or_release(session=session, project=project, key=idempotency_key, digest=digest)
         if replayed is not None:
             return replayed, False
+    queue, why = route_job(requested=body.queue, config=config, params=params)
     job = Job(
         project_id=project.id,
         model_id=body.model_id,
@@ -190,10 +191,11 @@ def create_job(
         method=config.method,
         config=config.model_dump(mode="json", exclude={"method"}),
         gate=body.gate.model_dump(mode="json", exclude_none=True) if body.gate else None,
-        queue=body.queue or get_settings().default_queue,
+        queue=queue,
         idempotency_key=idempotency_key,
         request_hash=digest,
         stage="queued",
+        message=f"queued on {queue}: {why}",
     )
     session.add(job)
     try:

@@ -3,15 +3,42 @@
 from __future__ import annotations
 
 from functools import lru_cache
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 from kombu import Exchange, Queue
 
 from app.core.settings import Settings, get_settings
 
+if TYPE_CHECKING:
+    from compression.configs import MethodConfigBase
+
 RUN_JOB_TASK = "modelpress.run_job"
 QUEUES = ("gpu", "cpu")
+
+
+def parse_queues(text: str) -> list[str]:
+    """`gpu,cpu` -> ["gpu", "cpu"]; ValueError naming the valid queues for anything else."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in QUEUES]
+    if unknown or not names:
+        raise ValueError(f"unknown queue(s) {unknown or [text]}; valid: {', '.join(QUEUES)}")
+    return list(dict.fromkeys(names))
+
+
+def route_job(*, requested: str | None, config: MethodConfigBase, params: int | None) -> tuple[str, str]:
+    """(queue, why) for a new job: the request's queue, else MODELPRESS_DEFAULT_QUEUE, which `auto` resolves
+    by the job's device need: a method that gains from a GPU on a model big enough for it goes to `gpu`."""
+    if requested:
+        return requested, "named in the request"
+    settings = get_settings()
+    if settings.default_queue != "auto":
+        return settings.default_queue, "MODELPRESS_DEFAULT_QUEUE"
+    if not config.prefers_gpu:
+        return "cpu", f"{config.method} gains little from a GPU"
+    if params is not None and params < settings.gpu_min_params:
+        return "cpu", f"{params:,} parameters, under MODELPRESS_GPU_MIN_PARAMS ({settings.gpu_min_params:,})"
+    return "gpu", f"{config.method} runs faster on a GPU"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -24,9 +51,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         "worker_prefetch_multiplier": 1,
-        "task_default_queue": settings.default_queue,
-        "task_default_exchange": settings.default_queue,
-        "task_default_routing_key": settings.default_queue,
+        # every send names its queue (route_job); these only name where an unrouted message would go
+        "task_default_queue": QUEUES[0],
+        "task_default_exchange": QUEUES[0],
+        "task_default_routing_key": QUEUES[0],
         # one direct exchange per queue: with a shared default exchange a message routed to `gpu` was also
         # bound to `cpu`, so every job was delivered twice and the duplicate stalled a prefetch-1 worker
         "task_queues": [Queue(name, Exchange(name, type="direct"), routing_key=name) for name in QUEUES],

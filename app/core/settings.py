@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -43,7 +43,26 @@ class Settings(BaseSettings):
     spool_orphan_age_s: float = Field(
         900.0, gt=0, description="At startup, upload spool files untouched this long are removed."
     )
-    default_queue: str = Field("gpu", description="Queue the compression jobs are sent to.")
+    default_queue: Literal["auto", "gpu", "cpu"] = Field(
+        "auto",
+        description="Queue a job goes to when its request names none. auto: `gpu` for a method that gains from a "
+        "GPU (Hessians, training) on a model of at least gpu_min_params parameters, else `cpu`.",
+    )
+    gpu_min_params: int = Field(
+        10_000_000, ge=0, description="With default_queue=auto, smaller models go to `cpu` whatever the method."
+    )
+    worker_queues: str = Field(
+        "gpu,cpu", description="Queues `modelpress worker` (and `serve`'s workers) consume, comma-separated."
+    )
+    worker_device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="Device a worker's jobs run on; auto: CUDA when this worker sees a GPU, else CPU."
+    )
+    worker_max_tasks_per_child: int | None = Field(
+        None,
+        ge=0,
+        description="Jobs a worker pool process runs before it is replaced (0: no limit); unset: 1 on a CUDA "
+        "worker, so each job starts in a fresh process with a fresh CUDA context, and no limit on CPU.",
+    )
 
     heartbeat_interval_s: float = Field(5.0, gt=0)
     stale_after_s: float = Field(60.0, gt=0, description="A running job without heartbeat this long is reaped.")
@@ -96,6 +115,13 @@ class Settings(BaseSettings):
         if self.webhook_claim_lease_s < 6 * self.webhook_timeout_s:
             raise ValueError("MODELPRESS_WEBHOOK_CLAIM_LEASE_S must be at least 6 x MODELPRESS_WEBHOOK_TIMEOUT_S")
         return self
+
+    @field_validator("worker_queues")
+    @classmethod
+    def _known_queues(cls, value: str) -> str:
+        from app.core.queue import parse_queues
+
+        return ",".join(parse_queues(value))
 
     @field_validator("data_dir")
     @classmethod

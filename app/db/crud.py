@@ -106,8 +106,9 @@ def mark_dispatched(*, session: Session, job_id: str) -> None:
     )
 
 
-def claim_job(*, session: Session, job_id: str, worker_host: str) -> bool:
-    """queued -> running, only once: a redelivered message finds the row already claimed."""
+def claim_job(*, session: Session, job_id: str, worker_host: str, worker_name: str | None = None) -> bool:
+    """queued -> running, only once: a redelivered message finds the row already claimed. The claim's
+    event names the worker (its Celery node name, e.g. `gpu1@host`) and the process."""
     now = utcnow()
     result = session.execute(
         update(Job)
@@ -120,6 +121,7 @@ def claim_job(*, session: Session, job_id: str, worker_host: str) -> bool:
             heartbeat_at=now,
             stage="claimed",
             progress=0.0,
+            message=f"claimed by {worker_name or 'worker'} ({worker_host})"[:500],
         )
     )
     if result.rowcount == 1:

@@ -133,6 +133,7 @@ def build_report(
         "export_check": measured["export_check"],
         "data": measured["data"],
         "timings_s": measured["timings"],
+        "device": spec.device,  # the device the worker gave the job: `cuda` on a GPU worker, else `cpu`
         "gate": None,
     }
     if spec.gate:

@@ -9,6 +9,7 @@ import torch
 
 from compression import registry
 from compression.configs import MethodConfigBase
+from compression.devices import GPU_OUT_OF_MEMORY, gpu_oom_message
 from compression.errors import CompressionError
 from compression.evaluate import compare_outputs, model_size
 from compression.evaluate.fidelity import spearman_metric
@@ -95,7 +96,10 @@ def compress_stage(inputs: JobInputs, spec: JobSpec, stages: Stages) -> Compress
         raise
     except CompressionError as error:
         raise JobError(error.code, error.message) from error
-    except (MemoryError, torch.cuda.OutOfMemoryError) as error:
+    except torch.cuda.OutOfMemoryError as error:
+        message = gpu_oom_message(error, where=f"{config.method} (compress stage)")
+        raise JobError(GPU_OUT_OF_MEMORY, message) from error
+    except MemoryError as error:
         raise JobError("out_of_memory", f"{config.method} ran out of memory: {error}") from error
     except Exception as error:
         raise JobError("compression_failed", f"{config.method} failed: {type(error).__name__}: {error}") from error

@@ -112,9 +112,9 @@ def test_job_create_is_202_queued_and_sent(api, onnx_model, tmp_path) -> None:  
     response = _job(api, onnx_model["id"])
     assert response.status_code == 202, response.text
     job = response.json()
-    assert job["status"] == "queued" and job["progress"] == 0.0 and job["queue"] == "gpu"
+    assert job["status"] == "queued" and job["progress"] == 0.0 and job["queue"] == "cpu"
     assert response.headers["Location"] == f"/v1/jobs/{job['id']}"
-    messages = list((tmp_path / "var" / "broker").glob("*.gpu.msg"))
+    messages = list((tmp_path / "var" / "broker").glob("*.cpu.msg"))
     assert len(messages) == 1 and job["id"] in messages[0].read_text()
 
 
@@ -223,7 +223,7 @@ def test_health_readiness_metrics_and_docs(api, onnx_model) -> None:  # type: ig
     }
     metrics = api.client.get("/metrics").text
     assert 'modelpress_jobs{status="queued"} 1.0' in metrics
-    assert 'modelpress_queue_depth{queue="gpu"} 1.0' in metrics
+    assert 'modelpress_queue_depth{queue="cpu"} 1.0' in metrics  # quant_rtn routes to cpu
     assert "modelpress_job_duration_seconds_bucket" in metrics
     assert api.client.get("/openapi.json").json()["info"]["title"] == "modelpress"
     assert api.client.get("/docs").status_code == 200
@@ -261,7 +261,7 @@ def test_dashboard_summary_and_job_events(api, onnx_model) -> None:  # type: ign
     job = _job(api, onnx_model["id"]).json()
     api.post(f"/v1/jobs/{job['id']}/cancel")
     summary = api.get("/v1/dashboard/summary").json()
-    assert summary["counts"] == {"cancelled": 1} and summary["queues"]["gpu"] == 1
+    assert summary["counts"] == {"cancelled": 1} and summary["queues"]["cpu"] == 1
     assert len(summary["throughput"]) == 24 and summary["workers"] == []
     events = api.get(f"/v1/jobs/{job['id']}/events").json()
     assert [e["status"] for e in events] == ["queued", "cancelled"]

@@ -17,6 +17,10 @@ def test_compose_declares_the_stack() -> None:
     assert services["api"]["build"]["target"] == "api" and services["worker"]["build"]["target"] == "worker"
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["capabilities"] == ["gpu"]
+    # a pool per queue: every queue a job can be routed to has a worker consuming it
+    assert "gpu" in (ROOT / "Dockerfile").read_text().rsplit("CMD", 1)[1]
+    cpu_pool = services["worker-cpu"]["command"]
+    assert cpu_pool[cpu_pool.index("--queues") + 1] == "cpu" and "deploy" not in services["worker-cpu"]
     env = services["api"]["environment"]
     assert env["MODELPRESS_BROKER_URL"].startswith("redis://")
     assert env["MODELPRESS_DATABASE_URL"].startswith("postgresql+psycopg://")

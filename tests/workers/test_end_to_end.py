@@ -17,22 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import REDIS_URL, ApiClient, Workers
+from tests.conftest import ApiClient, Workers
 from tests.helpers import files
 
 pytestmark = pytest.mark.services
-
-
-@pytest.fixture
-def redis_db() -> Iterator[str]:
-    import redis
-
-    url = REDIS_URL if REDIS_URL.rstrip("/").rsplit("/", 1)[-1].isdigit() else f"{REDIS_URL}/7"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
 
 
 def upload_inputs(api: ApiClient, tmp_path: Path) -> tuple[str, str]:
@@ -234,9 +222,9 @@ def test_redis_restarted_empty_queued_jobs_are_resent(service_env, make_api, pri
     api = make_api()
     model_id, dataset_id = upload_inputs(api, tmp_path)
     job_ids = [submit(api, model_id, dataset_id, bits=bits) for bits in (2, 4, 8)]
-    assert redis.Redis.from_url(url).llen("gpu") == 3
+    assert redis.Redis.from_url(url).llen("cpu") == 3  # quant_rtn routes to cpu
     private_redis()  # restart: the queue is gone
-    assert redis.Redis.from_url(url).llen("gpu") == 0
+    assert redis.Redis.from_url(url).llen("cpu") == 0
     workers.start("after-restart")
     for job_id in job_ids:
         job = wait_for(api, job_id, finished, 240, workers)

@@ -58,7 +58,12 @@ def create_job(
         return result
     jobflow.raise_on_failed_checks(checks)
     job, created = jobflow.create_job(
-        session=session, project=project, body=body, config=config, idempotency_key=idempotency_key
+        session=session,
+        project=project,
+        body=body,
+        config=config,
+        idempotency_key=idempotency_key,
+        params=model.param_count,
     )
     if created:
         jobflow.dispatch(session=session, job=job)
