@@ -31,7 +31,6 @@ from compression.primitives.sensitivity import (
 from compression.types import Batches, CompressionResult
 from compression.zoo.fmnist_resnet import (
     build_fmnist_resnet,
-    fashion_mnist_available,
     load_fashion_mnist,
     load_pretrained,
 )
@@ -322,7 +321,6 @@ def test_sweep_ships_the_cheapest_point_that_passes_the_gate_on_evaluation_data(
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST not installed (dataset-fashion-mnist)")
 def test_allocation_beats_uniform_on_fashion_mnist_resnet() -> None:
     """Same RTN quantizer, same average bits: ours has a higher output SQNR on held-out images."""
     model = load_pretrained()

