@@ -136,8 +136,12 @@ def test_bitops_latency_and_predicted_drop_budgets(digits: tuple[nn.Module, Batc
     model, calib = digits
     bitops = compress(model, calib, config(budget_bits=3.0, budget_kind="bitops"))
     rows = list(bitops.stats["layers"].values())
+    # MACs counted apart from the method: a Linear on one [features] sample does in * out of them.
+    linears = dict(model.named_modules())
+    macs = {row["name"]: linears[row["name"]].in_features * linears[row["name"]].out_features for row in rows}
+    for row in rows:  # BitOps = MACs * weight bits * activation bits (8 by default)
+        assert row["cost"]["bitops"] == pytest.approx(macs[row["name"]] * row["bits"] * 8)
     used = sum(row["cost"]["bitops"] for row in rows)
-    macs = {row["name"]: row["cost"]["bitops"] / (row["bits"] * 8) for row in rows}
     assert used <= sum(macs.values()) * 3.0 * 8 + 1e-6
     table = {name: {2: 1.0, 3: 1.2, 4: 1.5, 8: 3.0} for name in macs}
     table["fc2"] = {2: 5.0, 3: 6.0, 4: 7.0, 8: 9.0}  # slow layer: the latency budget pushes it down
