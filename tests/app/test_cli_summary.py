@@ -6,32 +6,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from app.client.cli import summary_table
-from compression.job import JobSpec, run_job
-from tests.helpers import files
+from tests.helpers.reports import tiny_report
 
 
 def _run(tmp_path: Path, evaluation: bool, gate: dict) -> dict:
-    model = files.tiny_onnx(tmp_path / "tiny.onnx")
-    rng = np.random.default_rng(0)
-    data = files.npz(
-        tmp_path / "eval.npz", input=rng.standard_normal((64, 8)).astype(np.float32), labels=rng.integers(0, 3, 64)
-    )
-    spec = JobSpec(
-        model_path=model,
-        method="quant_rtn",
-        config={"bits": 4, "group_size": None},
-        calibration_path=None,
-        evaluation_path=data if evaluation else None,
-        gate=gate,
-        work_dir=tmp_path / "work",
-        benchmark_budget_s=0.2,
-        benchmark_threads=1,
-    )
-    return run_job(spec, progress=lambda *_: None, should_cancel=lambda: False).report
+    return tiny_report(tmp_path, gate=gate, evaluation=evaluation)
 
 
 def _job(report: dict) -> dict:
