@@ -35,6 +35,16 @@ from app.client.api import (
     fetch_methods,
     file_sha256,
 )
+from app.core.report_view import (
+    effective_bits,
+    latency_rows,
+    megabytes,
+    metric_view,
+    report_notes,
+    signed,
+    size_ratio,
+    speedup_text,
+)
 from compression.method_docs import method_catalog, render_text
 
 
@@ -291,22 +301,72 @@ INCONCLUSIVE_MESSAGE = "inconclusive: no evaluation data, so nothing to judge th
 
 
 def summary_table(report: dict[str, Any], job: dict[str, Any]) -> str:
-    original, compressed = report.get("original", {}), report.get("compressed", {})
-    rows = [f"{'':18}{'original':>16}{'compressed':>16}"]
-    for key in sorted(set(original) & set(compressed)):
-        a, b = original[key], compressed[key]
-        if isinstance(a, int | float) and isinstance(b, int | float):
-            rows.append(f"{key:18}{a:>16.6g}{b:>16.6g}")
-    metric = (report.get("fidelity") or {}).get("metric") or {}
-    if metric.get("drop_ci95"):
-        low, high = metric["drop_ci95"]
-        rows.append(f"{metric.get('name')} drop {metric.get('drop'):+.4g} (95% interval {low:+.4g} to {high:+.4g})")
-    rows.extend(f"note: {note}" for note in (report.get("data") or {}).get("notes", []))
-    rows.append(f"verdict: {job.get('verdict') or 'no gate'}")
+    """What a CI log shows: the metric by name, sizes in MB, latency in ms with the speedup and its interval,
+    signed changes, the verdict with each check, and every note in the report."""
+    model = job.get("model_filename") or job.get("model_id")
+    rows = [f"job {job['id']}: {job['method']} on {model} ({(report.get('model') or {}).get('format', '?')})"]
+    rows += _metric_rows(report) + _size_rows(report) + _latency_rows(report)
+    verdict = job.get("verdict")
+    rows.append(f"verdict: {INCONCLUSIVE_MESSAGE if verdict == 'inconclusive' else verdict or 'no gate'}")
     for check in (report.get("gate") or {}).get("checks", []):
         mark = "PASS" if check["passed"] else "FAIL"
-        rows.append(f"  [{mark}] {check['name']}: measured {check['measured']} limit {check['limit']}")
+        unit = f" {check['unit']}" if check.get("unit") else ""
+        rows.append(
+            f"  [{mark}] {check['name']}: measured {_num(check['measured'])}{unit}, limit {_num(check['limit'])}"
+        )
+    rows.extend(f"note: {note}" for note in report_notes(report))
     return "\n".join(rows)
+
+
+def _num(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def _metric_rows(report: dict[str, Any]) -> list[str]:
+    metric = metric_view(report)
+    if metric is None:
+        return ["metric: not measured (no labelled or scored evaluation data)"]
+    if metric["synthetic"]:
+        return [f"metric: not measured (no evaluation data; {metric['name']} on synthetic inputs judges nothing)"]
+    change = "worse" if metric["worse"] else "not worse"
+    line = (
+        f"{metric['name']}: {metric['original']:.4g} -> {metric['compressed']:.4g} "
+        f"(change {signed(metric['delta'])}, {change})"
+    )
+    if metric["drop_ci95"]:
+        low, high = metric["drop_ci95"]
+        line += f"; drop {signed(metric['drop'])}, 95% interval {signed(low)} to {signed(high)}"
+    return [line]
+
+
+def _size_rows(report: dict[str, Any]) -> list[str]:
+    original, compressed = report.get("original") or {}, report.get("compressed") or {}
+    ratio = size_ratio(report)
+    line = f"size: {megabytes(original.get('size_bytes'))} -> {megabytes(compressed.get('size_bytes'))}"
+    if ratio is not None:
+        line += f" ({ratio:.3g}x, {signed(100 * (ratio - 1), 3)}%)"
+    bits = effective_bits(report)
+    rows = [line]
+    if bits is not None:
+        rows.append(f"effective bits per quantized weight: {bits:.3g} (scales and zeros included)")
+    if isinstance(original.get("params"), int) and isinstance(compressed.get("params"), int):
+        delta = compressed["params"] - original["params"]
+        rows.append(f"params: {original['params']:,} -> {compressed['params']:,} ({delta:+,})")
+    return rows
+
+
+def _latency_rows(report: dict[str, Any]) -> list[str]:
+    rows = []
+    for row in latency_rows(report):
+        rows.append(
+            f"latency batch {row['batch']}: {_ms(row['original_ms'])} -> {_ms(row['compressed_ms'])} median "
+            f"(p95 {_ms(row['original_p95_ms'])} -> {_ms(row['compressed_p95_ms'])}), speedup {speedup_text(row)}"
+        )
+    return rows or ["latency: not measured"]
+
+
+def _ms(value: Any) -> str:
+    return f"{value:.3g} ms" if isinstance(value, int | float) else "n/a"
 
 
 def write_junit(path: Path, job: dict[str, Any], checks: list[dict[str, Any]], failure: str | None = None) -> None:

@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app.core.errors import APIError, not_found, validation_details
 from app.core.inspect import check_dataset_matches_model
 from app.core.queue import route_job, send_job
+from app.core.report_view import job_summary
 from app.db import crud
 from app.db.models import Dataset, Job, Model, Project
 from app.schemas.api import ArtifactOut, JobCreate, JobError, JobOut, PreflightOut
@@ -23,7 +24,6 @@ from compression.method_docs import valid_keys
 log = logging.getLogger(__name__)
 
 RETRYABLE_STATUSES = ("failed", "cancelled")  # a job in these gives its Idempotency-Key to a new job
-SUMMARY_KEYS = ("original", "compressed", "fidelity", "speedup", "size_ratio", "metric_name")
 
 
 def validate_config(method: str, config: dict[str, Any]) -> MethodConfigBase:
@@ -244,7 +244,8 @@ def dispatch(*, session: Session, job: Job) -> None:
 def job_out(*, session: Session, job: Job) -> JobOut:
     artifacts = [ArtifactOut.model_validate(a) for a in crud.job_artifacts(session=session, job_id=job.id)]
     error = JobError(code=job.error_code, message=job.error_message) if job.error_code else None
-    summary = {k: job.report[k] for k in SUMMARY_KEYS if k in job.report} if job.report else None
+    summary = job_summary(job.report) if job.report else None
+    model = session.get(Model, job.model_id)
     return JobOut(
         id=job.id,
         status=job.status,
@@ -253,6 +254,7 @@ def job_out(*, session: Session, job: Job) -> JobOut:
         message=job.message,
         method=job.method,
         model_id=job.model_id,
+        model_filename=model.filename if model else None,
         calibration_id=job.calibration_id,
         evaluation_id=job.evaluation_id,
         config=job.config,

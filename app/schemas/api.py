@@ -91,6 +91,7 @@ class JobOut(BaseModel):
     message: str | None
     method: str
     model_id: str
+    model_filename: str | None = Field(None, description="the uploaded model's file name")
     calibration_id: str | None
     evaluation_id: str | None
     config: dict[str, Any]
@@ -98,7 +99,9 @@ class JobOut(BaseModel):
     queue: str
     error: JobError | None
     verdict: str | None
-    summary: dict[str, Any] | None
+    summary: dict[str, Any] | None = Field(
+        description="original, compressed, fidelity, speedup, speedup_ci95, size_ratio, metric {name, delta, worse}"
+    )
     artifacts: list[ArtifactOut]
     attempts: int
     worker_host: str | None

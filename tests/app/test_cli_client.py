@@ -72,6 +72,12 @@ def test_passing_and_failing_gates_exit_0_and_1(ci) -> None:  # type: ignore[no-
     assert json.loads((tmp / "pass" / "report.json").read_text())["gate"]["verdict"] == "pass"
     assert {p.suffix for p in (tmp / "pass" / "artifacts").iterdir()} >= {".onnx", ".safetensors", ".json"}
     assert "verdict: pass" in passing.stdout
+    summary = passing.stdout.splitlines()  # the installed CLI prints the summary the report implies
+    assert any(line.startswith("accuracy: ") and "(change " in line for line in summary)
+    assert any(line.startswith("size: ") and line.count(" MB") == 2 for line in summary)
+    assert any(
+        line.startswith("latency batch 1: ") and "ms median" in line and "95% interval" in line for line in summary
+    )
     failing = run_cli("compress", *common, "--max-size-bytes", "10", "--out", str(tmp / "fail"), env=env)
     assert failing.returncode == 1, failing.stderr
     assert junit_cases(tmp / "fail" / "junit.xml") == {"max_size_bytes": False}

@@ -16,7 +16,6 @@ from compression.registry import get_method
 from compression.types import Batches
 from compression.zoo.fmnist_resnet import (
     build_fmnist_resnet,
-    fashion_mnist_available,
     load_fashion_mnist,
     load_pretrained,
 )
@@ -303,7 +302,6 @@ def _folded_onnx(model: nn.Module, example: torch.Tensor, path) -> nn.Module:
     return module
 
 
-@pytest.mark.skipif(not fashion_mnist_available(), reason="Fashion-MNIST not installed (dataset-fashion-mnist)")
 def test_folded_bn_onnx_resnet_beats_plain_pruning_and_says_what_it_assumed(tmp_path) -> None:
     images, labels = load_fashion_mnist("test", limit=400)
     module = _folded_onnx(load_pretrained(), images[:2], tmp_path)

@@ -188,7 +188,26 @@ def test_gate_passes_fails_and_fails_unmeasured() -> None:
     assert unmeasured["verdict"] == "fail" and unmeasured["checks"][0]["measured"] is None
     relative = check_gate(Gate(max_metric_drop=0.01, drop_is_relative=True), _report(0.02, 4.0, 1.0, 1))
     assert relative["verdict"] == "pass" and relative["checks"][0]["measured"] == pytest.approx(0.005)
-    assert check_gate(Gate(), _report(1.0, 1.0, 0.1, 10**9))["verdict"] == "pass"
+
+    # A gate asks only what it names: the empty gate has no check, so even this terrible report passes it,
+    # while each single limit alone rejects the same report (the report is bad, and every field reads it).
+    terrible = {
+        "fidelity": {"metric": {"name": "accuracy", "original": 0.9, "compressed": 0.1, "drop": 0.8}},
+        "latency": {"speedup": 0.1, "speedup_ci95": [0.09, 0.11]},
+        "compressed": {"size_bytes": 10**9, "fraction_at_target_bits": 0.1},
+    }
+    assert check_gate(Gate(), terrible) == {"verdict": "pass", "checks": []}
+    singles = [
+        Gate(max_metric_drop=0.5),
+        Gate(min_recovery=0.5),
+        Gate(min_speedup=0.5),
+        Gate(max_size_bytes=10**6),
+        Gate(min_fraction_at_target_bits=0.5),
+    ]
+    for single in singles:
+        judged = check_gate(single, terrible)
+        checks = [(c["passed"], c["measured"] is not None) for c in judged["checks"]]
+        assert judged["verdict"] == "fail" and checks == [(False, True)], single  # failed on its value
 
 
 def test_pair_spearman_on_scored_pairs(tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -196,7 +215,7 @@ def test_pair_spearman_on_scored_pairs(tmp_path) -> None:  # type: ignore[no-unt
 
     import transformers
 
-    from compression.evaluate.fidelity import spearman_metric
+    from compression.evaluate.fidelity import _pair_cosines, pair_spearman, spearman_metric
     from compression.io import load_model
     from compression.io.data import read_pairs
 
@@ -214,8 +233,24 @@ def test_pair_spearman_on_scored_pairs(tmp_path) -> None:  # type: ignore[no-unt
     data.write_text("\n".join(json.dumps(r) for r in rows))
     pairs = read_pairs(data)
     assert pairs is not None and len(pairs) == 20 and pairs[3] == ("w3 w4", "w3 w21", 3.0)
-    metric = spearman_metric(loaded.module, loaded.module, loaded.tokenizer, pairs)
-    assert metric["name"] == "spearman" and -1 <= metric["original"] <= 1 and metric["drop"] == 0.0
+    # Human scores that rank the pairs exactly as the original model does: its Spearman is 1, reversed -1
+    # (the pairs, their scores and the original side are wired together right).
+    cosines = _pair_cosines(loaded.module, loaded.tokenizer, pairs, 128)
+    scored = [(a, b, float(c)) for (a, b, _), c in zip(pairs, cosines, strict=True)]
+    reversed_ = [(a, b, -score) for a, b, score in scored]
+    damaged = copy.deepcopy(loaded.module)
+    with torch.no_grad():  # a compressed stand-in: embeddings damaged enough to reorder some pairs
+        embeddings = damaged.model.get_input_embeddings().weight
+        embeddings.add_(
+            0.5 * embeddings.std() * torch.randn(embeddings.shape, generator=torch.Generator().manual_seed(2))
+        )
+    metric = spearman_metric(loaded.module, damaged, loaded.tokenizer, scored)
+    assert metric["name"] == "spearman" and metric["original"] == pytest.approx(1.0)
+    assert metric["compressed"] == pytest.approx(pair_spearman(damaged, loaded.tokenizer, scored))
+    assert metric["compressed"] < 0.95 and metric["drop"] == pytest.approx(1.0 - metric["compressed"])
+    low, high = metric["drop_ci95"]
+    assert low <= metric["drop"] <= high and high > 0
+    assert spearman_metric(loaded.module, damaged, loaded.tokenizer, reversed_)["original"] == pytest.approx(-1.0)
     assert read_pairs(tmp_path / "bert" / "vocab.txt") is None
 
 

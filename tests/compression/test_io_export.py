@@ -25,7 +25,7 @@ from compression.primitives.layers import get_weight_matrix
 from compression.primitives.pack import unpack_codes
 from compression.primitives.quant import round_to_nearest
 from compression.types import CompressionResult, QuantizedLayer
-from compression.zoo.fmnist_resnet import export_fmnist_onnx, fashion_mnist_available, load_fashion_mnist
+from compression.zoo.fmnist_resnet import export_fmnist_onnx, load_fashion_mnist
 
 warnings.filterwarnings("ignore")
 EXACT = ExportOptions(accuracy_level=0)  # fp32 activations in MatMulNBits: comparisons can be tight
@@ -63,8 +63,6 @@ def resnet(tmp_path_factory: pytest.TempPathFactory):
 
 @pytest.fixture(scope="module")
 def images() -> torch.Tensor:
-    if not fashion_mnist_available():
-        pytest.skip("Fashion-MNIST not installed (apt-get install dataset-fashion-mnist)")
     return load_fashion_mnist("test", limit=256)[0]
 
 

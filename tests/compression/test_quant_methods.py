@@ -119,10 +119,17 @@ def test_fidelity_floor_at_4_bits(method: str, digits: tuple) -> None:
     assert agreement(model, result.model, images) >= 0.95  # measured: 0.97-0.99
 
 
-def test_deterministic_under_seed(digits: tuple) -> None:
+def test_decoupleq_makes_no_random_choice(digits: tuple) -> None:
+    """Two runs that differ in every source of randomness (the config seed and the global RNG state left by
+    other code) give the same codes, S and Z: nothing in decoupleQ draws from an unseeded generator. (The
+    seed's effect where a method does draw is tested with distillation in test_prune_structured.py.)"""
     model, calib, _ = digits
+    torch.manual_seed(11)
     first = quant_decoupleq.compress(model, calib, fast_decoupleq(seed=3))
-    second = quant_decoupleq.compress(model, calib, fast_decoupleq(seed=3))
+    torch.manual_seed(12)
+    torch.rand(1000)
+    second = quant_decoupleq.compress(model, calib, fast_decoupleq(seed=4))
+    assert first.stats["blockwise_refinements"]["accepted"] + first.stats["blockwise_refinements"]["rejected"] > 0
     for name, layer in first.quantized.items():
         other = second.quantized[name]
         assert torch.equal(layer.codes, other.codes) and torch.equal(layer.scales, other.scales)
@@ -212,8 +219,8 @@ def test_hf_blocks_are_calibrated_sequentially_on_quantized_outputs(tiny_gpt2: t
     assert rel == pytest.approx(result.stats["layers"]["gpt.h.1.attn.c_attn"]["rel_loss"], rel=1e-6)
 
 
-def _gpt2_token_batches(model: nn.Module, batches: int, rows: int, tokens: int) -> Batches:
-    torch.manual_seed(1)
+def _gpt2_token_batches(model: nn.Module, batches: int, rows: int, tokens: int, seed: int = 1) -> Batches:
+    torch.manual_seed(seed)
     vocab = model.gpt.config.vocab_size
     return Batches(
         [
@@ -252,10 +259,13 @@ def test_blockwise_refinement_that_generalizes_is_accepted(tiny_gpt2: tuple) -> 
     log = result.stats["blockwise"]
     for entry in log.values():
         assert (entry["fit_batches"], entry["heldout_batches"]) == (6, 2)
-        assert entry["kept"] and entry["heldout_after"] < entry["heldout_before"]
     assert result.stats["blockwise_refinements"] == {"accepted": 2, "rejected": 0}
     layer_wise = quant_decoupleq.compress(model, calib, config.model_copy(update={"blockwise": False}))
     assert any(not torch.equal(q.scales, layer_wise.quantized[n].scales) for n, q in result.quantized.items())
+    # Measured apart from the method's own log: on token batches it never saw, the refined model is closer
+    # to the float one than the layer-wise model is.
+    unseen = _gpt2_token_batches(model, batches=4, rows=2, tokens=12, seed=7)
+    assert _output_mse(model, result.model, unseen) < _output_mse(model, layer_wise.model, unseen)
 
 
 def test_holdout_split_keeps_every_fourth_batch_and_at_least_one() -> None:
@@ -264,13 +274,22 @@ def test_holdout_split_keeps_every_fourth_batch_and_at_least_one() -> None:
     assert quant_decoupleq.holdout_split(1) == ([], [0])
 
 
+def _output_mse(reference: nn.Module, candidate: nn.Module, batches: Batches) -> float:
+    with torch.no_grad():
+        errors = [F.mse_loss(candidate(**batch), reference(**batch)).item() for batch in batches.inputs]
+    return sum(errors) / len(errors)
+
+
 def test_blockwise_stage_lowers_block_error(tiny_gpt2: tuple) -> None:
     model, calib = tiny_gpt2
-    result = quant_decoupleq.compress(model, calib, DecoupleQConfig(bits=2, group_size=16, blockwise_epochs=3))
+    config = DecoupleQConfig(bits=2, group_size=16, blockwise_epochs=3)
+    result = quant_decoupleq.compress(model, calib, config)
     log = result.stats["blockwise"]
     assert set(log) == {"gpt.h.0", "gpt.h.1"}
-    assert all(entry["mse_after"] < entry["mse_before"] for entry in log.values() if entry["kept"])
     assert any(entry["kept"] for entry in log.values())
+    # The model's own output error on its calibration data, recomputed here, drops against layer-wise only.
+    layer_wise = quant_decoupleq.compress(model, calib, config.model_copy(update={"blockwise": False}))
+    assert _output_mse(model, result.model, calib) < _output_mse(model, layer_wise.model, calib)
     for name, layer in result.quantized.items():
         weight = dict(result.model.named_modules())[name].weight
         assert torch.equal(weight, layer.dequantize().T)

@@ -105,9 +105,8 @@ def test_minilm_one_block_decoupleq_w2_g64_beats_gptq(minilm: tuple) -> None:
 @pytest.fixture(scope="module")
 def fmnist_resnet() -> tuple[nn.Module, Batches, torch.Tensor]:
     """(fixture ResNet, 2 calibration batches of 128 train images, 1000 test images)."""
-    zoo = pytest.importorskip("compression.zoo.fmnist_resnet")
-    if not zoo.fashion_mnist_available() or not zoo.WEIGHTS_PATH.is_file():
-        pytest.skip("Fashion-MNIST (apt dataset-fashion-mnist) or the fixture weights are missing")
+    from compression.zoo import fmnist_resnet as zoo  # dataset and committed weights required: missing raises
+
     model = zoo.load_pretrained()
     train, _ = zoo.load_fashion_mnist("train", limit=256)
     test, _ = zoo.load_fashion_mnist("test", limit=1000)

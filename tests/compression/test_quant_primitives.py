@@ -202,9 +202,10 @@ def test_error_ordering_on_a_real_hessian(
         "decoupleq": decoupleq_quantize(weight, hessian, bits, group_size),
     }.items():
         losses[name] = layer_loss(weight, dequantize(codes, scales, zeros, group_size), hessian[None])[1]
-    assert losses["decoupleq"] <= losses["gptq"] <= losses["rtn"]
-    if bits == 2:  # at 2 bits the alternation is worth a clear margin, not a tie (measured: 0.5-0.7x)
-        assert losses["decoupleq"] <= 0.8 * losses["gptq"]
+    assert losses["gptq"] <= losses["rtn"]
+    # decoupleQ keeps GPTQ's own rounding as one candidate, so decoupleQ <= GPTQ holds by construction and
+    # proves nothing: the alternation must be worth a clear margin (measured 0.50-0.64x of GPTQ's loss).
+    assert losses["decoupleq"] <= 0.8 * losses["gptq"]
 
 
 def test_gptq_variants_and_pgd_integer_step(digits_hidden_layer: tuple[torch.Tensor, torch.Tensor]) -> None:

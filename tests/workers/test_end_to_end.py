@@ -35,13 +35,19 @@ def upload_inputs(api: ApiClient, tmp_path: Path) -> tuple[str, str]:
     return model["id"], dataset["id"]
 
 
-def submit(api: ApiClient, model_id: str, dataset_id: str, **config: object) -> str:
+# An accuracy drop of at most half: 4-bit RTN of the tiny classifier keeps its (chance-level) accuracy within
+# a few points, so this gate passes; a byte limit no model meets makes the same job fail its gate.
+PASSING_GATE = {"max_metric_drop": 0.5}
+FAILING_GATE = {"max_metric_drop": 0.5, "max_size_bytes": 1}
+
+
+def submit(api: ApiClient, model_id: str, dataset_id: str, gate: dict | None = None, **config: object) -> str:
     body = {
         "model_id": model_id,
         "method": "quant_rtn",
         "config": {"bits": 4, "group_size": None, **config},
         "evaluation_id": dataset_id,
-        "gate": {"max_metric_drop": 0.5},
+        "gate": gate or PASSING_GATE,
     }
     response = api.post("/v1/jobs", json=body)
     assert response.status_code == 202, response.text
@@ -63,7 +69,7 @@ def finished(job: dict) -> bool:
     return job["status"] in ("succeeded", "failed", "cancelled")
 
 
-def assert_succeeded_with_report(api: ApiClient, job: dict) -> None:
+def assert_succeeded_with_report(api: ApiClient, job: dict, verdict: str = "pass") -> None:
     assert job["status"] == "succeeded", job
     kinds = {a["kind"] for a in job["artifacts"]}
     assert {"onnx", "safetensors", "manifest"} <= kinds, kinds
@@ -77,7 +83,13 @@ def assert_succeeded_with_report(api: ApiClient, job: dict) -> None:
     session = ort.InferenceSession(blob, providers=["CPUExecutionProvider"])
     out = session.run(None, {"input": np.ones((2, 8), np.float32)})[0]
     assert out.shape == (2, 3) and np.isfinite(out).all()
-    assert job["verdict"] in ("pass", "fail")
+    assert job["verdict"] == report["gate"]["verdict"] == verdict, report["gate"]
+    drop = report["fidelity"]["metric"]["drop"]
+    assert report["data"]["used_for"] == {"method": None, "fidelity": "evaluation"}, "RTN calibrates on nothing"
+    checks = {c["name"]: (c["measured"], c["passed"]) for c in report["gate"]["checks"]}
+    assert checks["max_metric_drop"] == (drop, drop <= 0.5)
+    if "max_size_bytes" in checks:
+        assert checks["max_size_bytes"] == (report["compressed"]["size_bytes"], False)
     html = api.get(f"/v1/jobs/{job['id']}/report.html")
     assert html.status_code == 200 and "<svg" in html.text
 
@@ -103,6 +115,8 @@ def test_embedded_default_end_to_end(service_env, make_api, workers, tmp_path) -
     workers.start("embedded")
     job = wait_for(api, submit(api, model_id, dataset_id), finished, 180, workers)
     assert_succeeded_with_report(api, job)
+    gate_failed = wait_for(api, submit(api, model_id, dataset_id, gate=FAILING_GATE), finished, 180, workers)
+    assert_succeeded_with_report(api, gate_failed, verdict="fail")  # a gate failure is not a job failure
 
 
 CHAOS_ENV = {

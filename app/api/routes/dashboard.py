@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session
 from app.api.deps import ProjectDep, SessionDep
 from app.core.errors import error_responses, not_found
 from app.core.metrics import safe_queue_depths
+from app.core.settings import get_settings
 from app.db import crud
 from app.db.models import Job, WorkerHeartbeat, utcnow
 
@@ -34,11 +35,17 @@ def dashboard_summary(project: ProjectDep, session: SessionDep) -> dict[str, Any
         select(Job).where(Job.project_id == project.id, Job.created_at >= now - timedelta(days=7))
     ).all()
     counts: dict[str, int] = {}
+    verdicts: dict[str, int] = {}
     for job in jobs:
         counts[job.status] = counts.get(job.status, 0) + 1
+        if job.status == "succeeded" and job.verdict:
+            verdicts[job.verdict] = verdicts.get(job.verdict, 0) + 1
     finished = [j for j in jobs if j.finished_at and j.started_at]
     return {
+        "now": now,
+        "heartbeat_stale_after_s": _heartbeat_stale_after_s(),
         "counts": counts,
+        "verdicts": verdicts,
         "queues": safe_queue_depths(),
         "workers": _workers(session, project.id, now),
         "failures": [
@@ -50,6 +57,13 @@ def dashboard_summary(project: ProjectDep, session: SessionDep) -> dict[str, Any
             for j in sorted(finished, key=lambda j: j.finished_at)[-50:]
         ],
     }
+
+
+def _heartbeat_stale_after_s() -> float:
+    """A running job whose last heartbeat is older than this is marked stale: three beats missed (or the
+    janitor's own limit, when that is shorter)."""
+    settings = get_settings()
+    return min(3 * settings.heartbeat_interval_s, settings.stale_after_s)
 
 
 def _seconds(start: Any, end: Any) -> float:

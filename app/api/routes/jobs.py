@@ -17,7 +17,7 @@ from app.core.errors import APIError, error_responses, not_found
 from app.core.limits import refuse_if_over_worker_memory
 from app.core.report_html import render_report_html
 from app.db import crud
-from app.db.models import JOB_STATUSES, TERMINAL_STATUSES, Artifact, Job
+from app.db.models import JOB_STATUSES, TERMINAL_STATUSES, Artifact, Job, Model
 from app.db.session import get_sessionmaker
 from app.schemas.api import JobCreate, JobOut, JobPage, PreflightOut
 
@@ -173,7 +173,9 @@ def get_report(job_id: str, project: ProjectDep, session: SessionDep) -> Any:
 )
 def get_report_html(job_id: str, project: ProjectDep, session: SessionDep) -> Any:
     job = _owned_job(session, project, job_id)
-    return HTMLResponse(render_report_html(job=job, report=_report(job)))
+    model = session.get(Model, job.model_id)
+    html = render_report_html(job=job, report=_report(job), model_filename=model.filename if model else None)
+    return HTMLResponse(html)
 
 
 @router.get(
