@@ -56,8 +56,11 @@ def model_size(model: nn.Module, path: Path | None = None, result: CompressionRe
 
 @torch.no_grad()
 def estimate_flops(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Multiply-accumulate count of Conv and Linear layers for one forward pass of `batch` (x2 = FLOPs)."""
+    """Multiply-accumulate count of Conv and Linear layers for one forward pass of `batch` (x2 = FLOPs);
+    None for a model without torch layers to count (a graph run by ONNX Runtime)."""
     macs: dict[str, int] = {}
+    if not any(isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) for m in model.modules()):
+        return {"macs": None, "flops": None, "per_sample_flops": None, "layers": {}}
 
     def hook(module: nn.Module, args: Any, output: torch.Tensor, name: str) -> None:
         if isinstance(module, nn.Linear):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -327,12 +328,18 @@ def export_artifacts(
     example: dict[str, torch.Tensor],
     manifest: dict[str, Any],
     options: ExportOptions | None = None,
+    write_graph: Callable[[CompressionResult, LoadedModel, Path, dict[str, torch.Tensor]], dict[str, str]]
+    | None = None,
 ) -> dict[str, Path]:
-    """Write `model.onnx`, `model.safetensors` and `manifest.json` under out_dir; returns kind -> path."""
+    """Write `model.onnx`, `model.safetensors` and `manifest.json` under out_dir; returns kind -> path.
+    `write_graph` replaces `write_onnx` for a result that carries its own graph (same signature, no options)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"onnx": out_dir / "model.onnx", "safetensors": out_dir / "model.safetensors"}
-    storage = write_onnx(result, loaded, paths["onnx"], example, options)
+    if write_graph is not None:
+        storage = write_graph(result, loaded, paths["onnx"], example)
+    else:
+        storage = write_onnx(result, loaded, paths["onnx"], example, options)
     layers_meta = write_safetensors(result, paths["safetensors"])
     for name, meta in layers_meta.items():
         meta["onnx_storage"] = storage.get(name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from compression import registry
 from compression.configs import MethodConfigBase
 from compression.errors import CompressionError
 from compression.evaluate.latency import paired_latency
@@ -45,6 +46,7 @@ def export_stage(
     stages: Stages,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     stages.start("export", "writing ONNX, safetensors and the manifest")
+    write_graph = registry.spec_for(config).write_onnx
     loaded.module.cpu()
     result.model.cpu()
     try:
@@ -55,8 +57,9 @@ def export_stage(
             example=example(eval_data),
             manifest=_manifest(spec, config, data_section),
             options=ExportOptions(accuracy_level=spec.onnx_accuracy_level),
+            write_graph=write_graph,
         )
-        if loaded.format == "hf_dir":
+        if loaded.format == "hf_dir" and write_graph is None:
             artifacts["hf_dir"] = export_hf_dir(result.model, loaded, spec.work_dir / "artifacts" / "hf_model")
         check = verify_onnx(artifacts["onnx"], result.model, example(eval_data, 64))
     except CompressionError as error:
