@@ -192,10 +192,22 @@ def _ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
         model.opset_import.append(helper.make_opsetid(domain, version))
 
 
-def _torch_export_onnx(model: nn.Module, example: dict[str, torch.Tensor], work: Path) -> onnx.ModelProto:
+def _dynamic_dims(example: dict[str, torch.Tensor], sequence: bool) -> dict[str, dict[int, Any]]:
+    """Batch (dim 0) dynamic for every input; with `sequence`, dim 1 of integer inputs (token ids, masks) too."""
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dims: dict[str, dict[int, Any]] = {name: {0: batch} for name in example}
+    for name, tensor in example.items():
+        if sequence and tensor.dim() >= 2 and not tensor.is_floating_point():
+            dims[name][1] = length
+    return dims
+
+
+def _torch_export_onnx(
+    model: nn.Module, example: dict[str, torch.Tensor], work: Path, *, dynamic_sequence: bool = False
+) -> onnx.ModelProto:
     target = work / "exported.onnx"
     names = list(example)
-    dynamic = {name: {0: torch.export.Dim("batch")} for name in names}
+    dynamic = _dynamic_dims(example, dynamic_sequence)
     try:
         torch.onnx.export(
             model, (), str(target), kwargs=example, input_names=names, dynamo=True, dynamic_shapes=dynamic
@@ -206,16 +218,21 @@ def _torch_export_onnx(model: nn.Module, example: dict[str, torch.Tensor], work:
 
 
 def base_graph(
-    result: CompressionResult, loaded: LoadedModel, example: dict[str, torch.Tensor]
+    result: CompressionResult,
+    loaded: LoadedModel,
+    example: dict[str, torch.Tensor],
+    *,
+    dynamic_sequence: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, WeightLayer]]:
-    """The graph to rewrite and its weight layers keyed by module name, weights synced from result.model."""
+    """The graph to rewrite and its weight layers keyed by module name, weights synced from result.model.
+    `dynamic_sequence`: a torch export accepts any sequence length (a graph run on every batch of a text set)."""
     if isinstance(result.model, OnnxModule) and loaded.source_onnx is not None:
         model = onnx.load(str(loaded.source_onnx), load_external_data=True)
         layers = dict(result.model.layer_initializers)
         sync_initializers(model.graph, layers, result.model)
         return model, layers
     with tempfile.TemporaryDirectory(prefix="modelpress-export-") as work:
-        model = _torch_export_onnx(result.model.eval(), example, Path(work))
+        model = _torch_export_onnx(result.model.eval(), example, Path(work), dynamic_sequence=dynamic_sequence)
     return model, match_layers_by_value(model.graph, result.model, list(result.quantized))
 
 

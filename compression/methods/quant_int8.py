@@ -32,7 +32,7 @@ from torch import nn
 
 from compression.configs import Int8Config
 from compression.io.export import base_graph, match_layers_by_value
-from compression.io.model import LoadedModel, quantizable_layer_names
+from compression.io.model import LoadedModel
 from compression.io.ort_module import OrtGraphModule
 from compression.types import Batches, CompressionResult, ProgressFn, QuantizedLayer, no_progress
 
@@ -59,11 +59,14 @@ class BatchReader:
         ]
         self._items: Iterator[dict[str, np.ndarray]] = iter(self.feeds)
 
+    @classmethod
+    def of(cls, feeds: list[dict[str, np.ndarray]]) -> BatchReader:
+        reader = cls(Batches(inputs=[]), [])
+        reader.feeds, reader._items = feeds, iter(feeds)
+        return reader
+
     def get_next(self) -> dict[str, np.ndarray] | None:
         return next(self._items, None)
-
-    def rewind(self) -> None:
-        self._items = iter(self.feeds)
 
 
 def graph_inputs(model: onnx.ModelProto) -> list[str]:
@@ -72,9 +75,10 @@ def graph_inputs(model: onnx.ModelProto) -> list[str]:
 
 
 def float_graph(loaded: LoadedModel, example: dict[str, torch.Tensor], work: Path) -> FloatGraph:
-    """The job's model as a float ONNX file under `work` (the upload's graph, or the torch export)."""
+    """The job's model as a float ONNX file under `work` (the upload's graph, or the torch export, whose
+    token inputs take any sequence length: text batches are padded per batch)."""
     source = CompressionResult(model=loaded.module, method="float")
-    model, layers = base_graph(source, loaded, example)
+    model, layers = base_graph(source, loaded, example, dynamic_sequence=True)
     if not layers:  # a torch export: find each layer's node by its weight values
         layers = match_layers_by_value(model.graph, loaded.module, loaded.info.get("quantizable_layers", []))
     path = work / "float.onnx"
@@ -86,8 +90,7 @@ def module_float_graph(model: nn.Module, example: dict[str, torch.Tensor], work:
     """`float_graph` for a plain module (the library call, no `LoadedModel`)."""
     from compression.io.model import describe_module
 
-    loaded = LoadedModel("hf_dir", model, [], "generic", info=describe_module(model, type(model).__name__))
-    loaded.info["quantizable_layers"] = quantizable_layer_names(model)
+    loaded = LoadedModel("torch_export", model, [], "generic", info=describe_module(model, type(model).__name__))
     return float_graph(loaded, example, work)
 
 
@@ -190,7 +193,9 @@ class Quantizer:
                 calibrate_method=self._method(),
                 extra_options=calibrator_options(self.config),
             )
-            calibrator.collect_data(reader)
+            for feed in reader.feeds:  # one batch at a time: text batches differ in padded length, and the
+                calibrator.collect_data(BatchReader.of([feed]))  # histogram calibrators stack what one call saw
+                calibrator.clear_collected_data()
             with contextlib.redirect_stdout(io.StringIO()):  # the histogram calibrators print their settings
                 ranges = calibrator.compute_data()
             save_tensors_data(ranges, self.cache)

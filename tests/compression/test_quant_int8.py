@@ -173,7 +173,11 @@ def test_calibration_methods_set_different_ranges_and_all_keep_the_model() -> No
     assert not np.allclose(scales["minmax"], scales["entropy"])
 
 
+WORDS = [f"w{i}" for i in range(190)]
+
+
 def _tiny_bert(path: Path) -> Path:
+    """A random two-block BERT with a word-level tokenizer, saved as a Hugging Face directory."""
     import transformers
 
     config = transformers.BertConfig(
@@ -181,21 +185,32 @@ def _tiny_bert(path: Path) -> Path:
     )
     torch.manual_seed(0)
     transformers.BertModel(config).eval().save_pretrained(path)
+    vocab = path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    transformers.BertTokenizer(str(vocab)).save_pretrained(path)
+    return path
+
+
+def _sentences(path: Path, count: int, seed: int) -> Path:
+    """One sentence per line, 3 to 30 words: text batches are padded per batch, so lengths differ."""
+    rng = np.random.default_rng(seed)
+    lines = [" ".join(rng.choice(WORDS, size=rng.integers(3, 31))) for _ in range(count)]
+    path.write_text("\n".join(lines) + "\n")
     return path
 
 
 @pytest.mark.slow
 def test_transformer_encoder_job_runs_integer_matmuls(tmp_path: Path) -> None:
-    rng = np.random.default_rng(0)
-    ids = rng.integers(5, 200, (96, 16)).astype(np.int64)
-    mask = np.ones_like(ids)
-    np.savez(tmp_path / "calib.npz", input_ids=ids[:64], attention_mask=mask[:64])
-    np.savez(tmp_path / "eval.npz", input_ids=ids[64:], attention_mask=mask[64:])
-    files = {"model": _tiny_bert(tmp_path / "bert"), "calib": tmp_path / "calib.npz", "eval": tmp_path / "eval.npz"}
-    output = _job(files, tmp_path / "work", {"diagnose": 2, "calibration": "entropy"})
+    files = {
+        "model": _tiny_bert(tmp_path / "bert"),
+        "calib": _sentences(tmp_path / "calib.txt", 96, 0),
+        "eval": _sentences(tmp_path / "eval.txt", 64, 1),
+    }
+    output = _job(files, tmp_path / "work", {"diagnose": 2, "calibration": "entropy"}, batch_size=16)
     report = output.report
     assert set(output.artifacts) == {"onnx", "safetensors", "manifest"}  # the QDQ graph, no float HF copy
     assert {"QLinearMatMul"} & optimized_ops(output.artifacts["onnx"], tmp_path)
+    assert report["fidelity"]["samples"] == 64  # every batch ran, whatever its padded length
     assert report["fidelity"]["metric"]["name"] == "mean_cosine" and report["fidelity"]["mean_cosine"] >= 0.98
     quantized = [row for row in report["layers"] if row["status"] == "quantized"]
     assert len(quantized) == 12 and all(row["bits"] == 8 for row in quantized)  # 6 Linear layers x 2 blocks
