@@ -264,6 +264,53 @@ class DataFreeConfig(MethodConfigBase):
         return value
 
 
+class Int8Config(MethodConfigBase):
+    summary: ClassVar[str] = (
+        "Static W8A8: per-channel int8 weights and calibrated 8-bit activations, shipped as a QDQ ONNX graph "
+        "that ONNX Runtime runs with integer kernels; a per-node diagnosis says which nodes hurt."
+    )
+    method: Literal["quant_int8"] = "quant_int8"
+    calibration: Literal["minmax", "percentile", "entropy"] = Field(
+        "minmax",
+        description="How activation ranges are set from the calibration data: minmax (observed range), percentile "
+        "(the range covering `percentile` % of |x|, clipping outliers) or entropy (the range minimizing the KL "
+        "divergence of the 8-bit histogram).",
+    )
+    percentile: float = Field(99.999, ge=90, le=100, description="Percentile kept by calibration='percentile'.")
+    per_channel: bool = Field(True, description="One weight scale per output channel (false: one per tensor).")
+    activation_type: Literal["uint8", "int8"] = Field(
+        "uint8",
+        description="uint8 (asymmetric) activations take ONNX Runtime's integer kernels on x86 (QLinearConv, "
+        "QLinearMatMul); int8 activations mostly fall back to float kernels there.",
+    )
+    op_types: list[Annotated[str, StringConstraints(min_length=1, max_length=64)]] | None = Field(
+        None,
+        max_length=64,
+        description="ONNX op types to quantize. null: every type ONNX Runtime can quantize when the graph has Conv "
+        "layers (integer chains through Add, pooling, Relu); MatMul and Gemm only otherwise (a transformer's "
+        "residual stream, LayerNorm and Softmax stay float).",
+    )
+    activation_matmuls: bool = Field(
+        False, description="Also quantize MatMuls of two activations (attention scores); off: only weight MatMuls."
+    )
+    diagnose: int = Field(
+        8,
+        ge=0,
+        le=256,
+        description="Nodes whose exclusion is measured one at a time (those whose outputs lose the most SQNR "
+        "first); 0: no diagnosis.",
+    )
+    auto_skip: int = Field(
+        0, ge=0, le=64, description="Leave this many of the diagnosed nodes that hurt most in float (needs diagnose)."
+    )
+
+    @model_validator(mode="after")
+    def _auto_skip_needs_diagnosis(self) -> Int8Config:
+        if self.auto_skip > self.diagnose:
+            raise ValueError(f"auto_skip ({self.auto_skip}) cannot exceed diagnose ({self.diagnose})")
+        return self
+
+
 MethodConfig = Annotated[
     RTNConfig
     | GPTQConfig
@@ -271,7 +318,8 @@ MethodConfig = Annotated[
     | PruneStructuredConfig
     | PruneUnstructuredConfig
     | MixedPrecisionConfig
-    | DataFreeConfig,
+    | DataFreeConfig
+    | Int8Config,
     Field(discriminator="method"),
 ]
 
@@ -285,6 +333,7 @@ CONFIG_CLASSES: dict[str, type[MethodConfigBase]] = {
         PruneUnstructuredConfig,
         MixedPrecisionConfig,
         DataFreeConfig,
+        Int8Config,
     )
 }
 METHOD_KEYS: tuple[str, ...] = tuple(CONFIG_CLASSES)

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from compression.primitives.layers import find_layers
-from compression.primitives.macs import batch_rows, count_macs
+from compression.primitives.macs import batch_rows, count_macs, counted_layers
 from compression.types import CompressionResult
 
 
@@ -57,7 +57,10 @@ def model_size(model: nn.Module, path: Path | None = None, result: CompressionRe
 
 
 def estimate_flops(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
-    """Multiply-accumulate count of Conv and Linear layers for one forward pass of `batch` (x2 = FLOPs)."""
+    """Multiply-accumulate count of Conv and Linear layers for one forward pass of `batch` (x2 = FLOPs);
+    None for a model without torch layers to count (a graph run by ONNX Runtime)."""
+    if not counted_layers(model):
+        return {"macs": None, "flops": None, "per_sample_flops": None, "layers": {}}
     macs = {name: n for name, n in count_macs(model.eval(), batch).items() if n}
     total = sum(macs.values())
     return {"macs": total, "flops": 2 * total, "per_sample_flops": 2 * total / batch_rows(batch), "layers": macs}

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from importlib import metadata
 from pathlib import Path
@@ -191,10 +192,22 @@ def _ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
         model.opset_import.append(helper.make_opsetid(domain, version))
 
 
-def _torch_export_onnx(model: nn.Module, example: dict[str, torch.Tensor], work: Path) -> onnx.ModelProto:
+def _dynamic_dims(example: dict[str, torch.Tensor], sequence: bool) -> dict[str, dict[int, Any]]:
+    """Batch (dim 0) dynamic for every input; with `sequence`, dim 1 of integer inputs (token ids, masks) too."""
+    batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    dims: dict[str, dict[int, Any]] = {name: {0: batch} for name in example}
+    for name, tensor in example.items():
+        if sequence and tensor.dim() >= 2 and not tensor.is_floating_point():
+            dims[name][1] = length
+    return dims
+
+
+def _torch_export_onnx(
+    model: nn.Module, example: dict[str, torch.Tensor], work: Path, *, dynamic_sequence: bool = False
+) -> onnx.ModelProto:
     target = work / "exported.onnx"
     names = list(example)
-    dynamic = {name: {0: torch.export.Dim("batch")} for name in names}
+    dynamic = _dynamic_dims(example, dynamic_sequence)
     try:
         torch.onnx.export(
             model, (), str(target), kwargs=example, input_names=names, dynamo=True, dynamic_shapes=dynamic
@@ -205,16 +218,21 @@ def _torch_export_onnx(model: nn.Module, example: dict[str, torch.Tensor], work:
 
 
 def base_graph(
-    result: CompressionResult, loaded: LoadedModel, example: dict[str, torch.Tensor]
+    result: CompressionResult,
+    loaded: LoadedModel,
+    example: dict[str, torch.Tensor],
+    *,
+    dynamic_sequence: bool = False,
 ) -> tuple[onnx.ModelProto, dict[str, WeightLayer]]:
-    """The graph to rewrite and its weight layers keyed by module name, weights synced from result.model."""
+    """The graph to rewrite and its weight layers keyed by module name, weights synced from result.model.
+    `dynamic_sequence`: a torch export accepts any sequence length (a graph run on every batch of a text set)."""
     if isinstance(result.model, OnnxModule) and loaded.source_onnx is not None:
         model = onnx.load(str(loaded.source_onnx), load_external_data=True)
         layers = dict(result.model.layer_initializers)
         sync_initializers(model.graph, layers, result.model)
         return model, layers
     with tempfile.TemporaryDirectory(prefix="modelpress-export-") as work:
-        model = _torch_export_onnx(result.model.eval(), example, Path(work))
+        model = _torch_export_onnx(result.model.eval(), example, Path(work), dynamic_sequence=dynamic_sequence)
     return model, match_layers_by_value(model.graph, result.model, list(result.quantized))
 
 
@@ -327,12 +345,18 @@ def export_artifacts(
     example: dict[str, torch.Tensor],
     manifest: dict[str, Any],
     options: ExportOptions | None = None,
+    write_graph: Callable[[CompressionResult, LoadedModel, Path, dict[str, torch.Tensor]], dict[str, str]]
+    | None = None,
 ) -> dict[str, Path]:
-    """Write `model.onnx`, `model.safetensors` and `manifest.json` under out_dir; returns kind -> path."""
+    """Write `model.onnx`, `model.safetensors` and `manifest.json` under out_dir; returns kind -> path.
+    `write_graph` replaces `write_onnx` for a result that carries its own graph (same signature, no options)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"onnx": out_dir / "model.onnx", "safetensors": out_dir / "model.safetensors"}
-    storage = write_onnx(result, loaded, paths["onnx"], example, options)
+    if write_graph is not None:
+        storage = write_graph(result, loaded, paths["onnx"], example)
+    else:
+        storage = write_onnx(result, loaded, paths["onnx"], example, options)
     layers_meta = write_safetensors(result, paths["safetensors"])
     for name, meta in layers_meta.items():
         meta["onnx_storage"] = storage.get(name)

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
+import torch
 from torch import nn
 
 from compression.configs import MethodConfigBase
@@ -52,6 +54,9 @@ class MethodRun:
     evaluation_source: str | None = None  # the report's data.used_for.fidelity: evaluation, calibration, ...
 
 
+WriteOnnxFn = Callable[[CompressionResult, "LoadedModel", Path, dict[str, torch.Tensor]], dict[str, str]]
+"""write_onnx(result, loaded, path, example) -> layer name -> storage kind: writes the ONNX artifact."""
+
 PreflightCheck = Callable[["LoadedModel", Batches, Any], dict[str, Any]]
 """check(loaded, sample batches, config) -> {name, ok, message}, run by the pre-flight after the common checks."""
 
@@ -75,6 +80,10 @@ class MethodSpec:
     # chooses among the candidate results a method produced (a sweep), given the job's gate
     pick: Callable[[CompressionResult, MethodRun], CompressionResult] | None = None
     preflight_checks: tuple[PreflightCheck, ...] = ()
+    # writes the ONNX artifact itself, for a method whose result already is a graph (static int8's QDQ graph
+    # run in ONNX Runtime); None: the result's torch module is exported and its quantized layers rewritten.
+    # Such a method ships that graph only: no Hugging Face directory is saved from its module.
+    write_onnx: WriteOnnxFn | None = None
     # the report's `stats` section
     report_section: Callable[[CompressionResult], dict[str, Any]] = report_stats
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from compression import registry
 from compression.configs import MethodConfigBase
 from compression.errors import CompressionError
 from compression.evaluate.latency import paired_latency
@@ -45,6 +46,7 @@ def export_stage(
     stages: Stages,
 ) -> tuple[dict[str, Path], dict[str, Any]]:
     stages.start("export", "writing ONNX, safetensors, the manifest and the serving formats")
+    write_graph = registry.spec_for(config).write_onnx
     loaded.module.cpu()
     result.model.cpu()
     try:
@@ -55,11 +57,14 @@ def export_stage(
             example=example(eval_data),
             manifest=_manifest(spec, config, data_section),
             options=ExportOptions(accuracy_level=spec.onnx_accuracy_level),
+            write_graph=write_graph,
         )
-        served, formats = serving_artifacts(
-            result, loaded, spec.work_dir / "artifacts", config, manifest=artifacts["manifest"]
-        )
-        artifacts.update(served)
+        formats: dict[str, Any] = {"note": "the method ships its own ONNX graph; no serving format derives from it"}
+        if write_graph is None:
+            served, formats = serving_artifacts(
+                result, loaded, spec.work_dir / "artifacts", config, manifest=artifacts["manifest"]
+            )
+            artifacts.update(served)
         check = verify_onnx(artifacts["onnx"], result.model, example(eval_data, 64))
     except CompressionError as error:
         raise JobError(error.code, error.message) from error
