@@ -2,10 +2,10 @@
 
 With a broker that has no event loop (the embedded filesystem transport), Celery runs billiard's
 blocking pool: one job pipe shared by every pool process, read under a process-shared semaphore. An
-idle pool process waits for its next job *holding* that semaphore. SIGKILLed there (by an operator, the
-OOM killer, or the per-job limits in `workers.limits`), it never releases it: its replacement blocks on
-the semaphore forever, the worker keeps one message it can never run, and with prefetch 1 it takes no
-other. (With Redis, Celery's asynchronous pool gives each process pipes of its own and no shared lock.)
+idle pool process waits for its next job *holding* that semaphore. SIGKILLed there (by an operator or
+the OOM killer), it never releases it: its replacement blocks on the semaphore forever, the worker keeps
+one message it can never run, and with prefetch 1 it takes no other. (With Redis, Celery's asynchronous
+pool gives each process pipes of its own and no shared lock.)
 
 Here the locks that pool processes take (the job pipe's read lock, the result pipe's write lock) are
 POSIX record locks on an anonymous file, which the kernel releases when their holder dies.
