@@ -68,29 +68,54 @@ def worker_command(
 
 
 class WorkerSupervisor:
-    """Keeps local worker processes alive for `modelpress serve`; a crashed one is restarted."""
+    """Keeps local worker processes alive for `modelpress serve`: a crashed one is restarted, and so is one
+    whose consumer loop stopped reporting progress (its alive file, workers/liveness.py, went stale)."""
 
-    def __init__(self, count: int, queues: str | None) -> None:
+    def __init__(self, count: int, queues: str | None, *, run_dir: Path, stall_after_s: float) -> None:
         self.count, self.queues = count, queues
+        self.run_dir, self.stall_after_s = run_dir, stall_after_s
         self.processes: list[subprocess.Popen[bytes]] = []
+        self.spawned_at: dict[int, float] = {}
         self.stop = threading.Event()
 
     def start(self) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
         self.processes = [self._spawn(i) for i in range(self.count)]
         threading.Thread(target=self._watch, daemon=True, name="worker-supervisor").start()
 
+    def alive_file(self, index: int) -> Path:
+        return self.run_dir / f"worker-{index}.alive"
+
     def _spawn(self, index: int) -> subprocess.Popen[bytes]:
-        name = f"embedded{index}@%h"
-        command = worker_command(self.queues, 1, name)
+        from app.core.queue import WORKER_ALIVE_FILE_ENV
+
+        self.alive_file(index).unlink(missing_ok=True)
+        self.spawned_at[index] = time.time()
+        command = worker_command(self.queues, 1, f"embedded{index}@%h")
         # The working directory and environment of `serve` itself: its settings were pinned there already.
-        return subprocess.Popen(command, env=os.environ.copy(), preexec_fn=_terminate_with_parent)
+        env = {**os.environ, WORKER_ALIVE_FILE_ENV: str(self.alive_file(index))}
+        return subprocess.Popen(command, env=env, preexec_fn=_terminate_with_parent)
 
     def _watch(self) -> None:
         while not self.stop.wait(2.0):
             for index, process in enumerate(self.processes):
                 if process.poll() is not None:
                     logging.warning("worker %d exited with %s; restarting", index, process.returncode)
+                elif (silent_s := self.silent_for(index)) > self.stall_after_s:
+                    logging.warning("worker %d reported no progress for %.0f s; restarting it", index, silent_s)
+                    _stop_worker(process)
+                else:
+                    continue
+                if not self.stop.is_set():
                     self.processes[index] = self._spawn(index)
+
+    def silent_for(self, index: int) -> float:
+        """Seconds since the worker's last beat; a starting worker gets WORKER_START_GRACE_S for its first."""
+        try:
+            last = self.alive_file(index).stat().st_mtime
+        except FileNotFoundError:
+            last = self.spawned_at[index] + WORKER_START_GRACE_S
+        return time.time() - last
 
     def shutdown(self) -> None:
         self.stop.set()
@@ -101,6 +126,21 @@ class WorkerSupervisor:
                 process.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 process.kill()
+
+
+WORKER_START_GRACE_S = 60.0
+WORKER_STOP_GRACE_S = 10.0
+
+
+def _stop_worker(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (Celery restores the messages it holds to the broker), SIGKILL if it does not end in time;
+    its pool processes die with it (Celery sets their parent-death signal)."""
+    process.terminate()
+    try:
+        process.wait(timeout=WORKER_STOP_GRACE_S)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
 
 
 def _terminate_with_parent() -> None:
@@ -120,7 +160,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     settings = _pin_serve_settings()
     migrate()
-    supervisor = WorkerSupervisor(args.workers, args.queues) if args.workers > 0 else None
+    supervisor = None
+    if args.workers > 0:
+        run_dir = settings.data_dir / "run"
+        supervisor = WorkerSupervisor(
+            args.workers, args.queues, run_dir=run_dir, stall_after_s=settings.worker_stall_after_s
+        )
     if supervisor:
         supervisor.start()
     stop_janitor = threading.Event()

@@ -18,10 +18,14 @@ from app.core.settings import get_settings
 from app.db import crud
 from app.db.session import get_engine, session_scope
 from workers.device import max_tasks_per_child, probe_device
+from workers.liveness import ConsumerHeartbeat
 from workers.pipeline import sweep_orphaned_temp_dirs
 
 celery_app = get_celery()
-celery_app.conf.update(include=["workers.tasks"])
+# the prefork pool with locks a SIGKILLed pool process cannot leave held (workers/pool.py); `--pool prefork`
+# on the command line picks this configured pool too
+celery_app.conf.update(include=["workers.tasks"], worker_pool="workers.pool:TaskPool")
+celery_app.steps["consumer"].add(ConsumerHeartbeat)
 app = celery_app
 log = logging.getLogger(__name__)
 _stop = threading.Event()

@@ -15,6 +15,9 @@ if TYPE_CHECKING:
 
 RUN_JOB_TASK = "modelpress.run_job"
 QUEUES = ("gpu", "cpu")
+# `modelpress serve` names a file per supervised worker here; the worker's consumer loop touches it while it
+# makes progress (workers/liveness.py), and `serve` restarts a worker whose file went stale
+WORKER_ALIVE_FILE_ENV = "MODELPRESS_WORKER_ALIVE_FILE"
 
 
 def parse_queues(text: str) -> list[str]:

@@ -68,6 +68,12 @@ class Settings(BaseSettings):
     stale_after_s: float = Field(60.0, gt=0, description="A running job without heartbeat this long is reaped.")
     requeue_after_s: float = Field(120.0, gt=0, description="A queued job unclaimed this long is re-sent.")
     max_attempts: int = Field(2, ge=1, description="Runs a job gets before a lost worker fails it.")
+    worker_stall_after_s: float = Field(
+        60.0,
+        gt=0,
+        description="`modelpress serve` restarts a supervised worker whose consumer loop reported no progress this "
+        "long (a hung loop, or a pool that never takes the message the worker holds).",
+    )
     janitor_interval_s: float = Field(10.0, gt=0)
     janitor_enabled: bool = True
     calibration_max_samples: int = Field(512, ge=1, description="Calibration samples a job uses at most.")

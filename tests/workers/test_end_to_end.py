@@ -245,14 +245,14 @@ def test_redis_restarted_empty_queued_jobs_are_resent(service_env, make_api, pri
         assert job["status"] == "succeeded", job
 
 
-def serve(port: int, log: Path) -> subprocess.Popen[bytes]:
-    """`modelpress serve` (API, janitor, one supervised worker) in its own process group."""
+def serve(port: int, log: Path, workers: int = 1) -> subprocess.Popen[bytes]:
+    """`modelpress serve` (API, janitor, supervised workers) in its own process group."""
     import httpx
 
     from app.cli import ROOT
 
     process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", "1"],
+        [sys.executable, "-m", "app.cli", "serve", "--port", str(port), "--workers", str(workers)],
         cwd=ROOT,
         env=os.environ.copy(),
         stdout=open(log, "ab"),  # noqa: SIM115 - inherited by the child, closed with it
