@@ -245,3 +245,41 @@ def test_a_packed_file_that_differs_from_the_onnx_is_reported(tiny: dict[str, Pa
     save_file(tensors, str(paths["safetensors"]), metadata=metadata)
     check = check_artifacts(paths, onnx_out, example, result)["safetensors"]
     assert not check["passed"] and check["max_rel_error"] > EXPORT_TOLERANCE and check["compared_to"] == "onnx"
+
+
+@pytest.mark.slow
+def test_a_causal_lm_perplexity_is_measured_on_its_onnx(tmp_path: Path) -> None:
+    """A tiny Gemma-3 (Hugging Face directory) goes through ONNX Runtime too: perplexity from the exported
+    graph, the PyTorch model as the cross-check, the packed and HF artifacts compared with the ONNX."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32, max_position_embeddings=64, sliding_window=16,
+    )  # fmt: skip
+    transformers.Gemma3ForCausalLM(config).save_pretrained(tmp_path / "lm")
+    rng = np.random.default_rng(0)
+    ids = {split: rng.integers(0, 128, (n, 24)) for split, n in (("calib", 8), ("eval", 6))}
+    data = {k: files.npz(tmp_path / f"{k}.npz", input_ids=v, attention_mask=np.ones_like(v)) for k, v in ids.items()}
+    spec = JobSpec(
+        model_path=tmp_path / "lm",
+        method="quant_rtn",
+        config={"bits": 4, "group_size": 32},
+        calibration_path=data["calib"],
+        evaluation_path=data["eval"],
+        gate={"max_metric_drop": 1000.0},
+        work_dir=tmp_path / "work",
+        seq_len=24,
+        benchmark_repeats=5,
+        benchmark_budget_s=0.2,
+    )
+    report = _run(spec).report
+    fidelity = report["fidelity"]
+    assert fidelity["measured_on"] == "onnx" and fidelity["metric"]["name"] == "perplexity"
+    torch_side = fidelity["cross_check"]["metric"]
+    assert fidelity["metric"]["compressed"] == pytest.approx(torch_side["compressed"], rel=1e-4)
+    assert fidelity["metric"]["original"] == pytest.approx(torch_side["original"], rel=1e-4)
+    assert report["export_check"]["passed"] and report["export_check"]["max_rel_error"] < 1e-4
+    assert set(report["export_check"]["artifacts"]) == {"safetensors", "hf_dir"}
+    assert all(check["passed"] for check in report["export_check"]["artifacts"].values())
