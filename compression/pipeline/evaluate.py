@@ -10,6 +10,7 @@ reads it as its `export_check` (without a gate, a failed export check fails the 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from torch import nn
@@ -37,9 +38,8 @@ def _fidelity(
 
 
 def _difference(onnx: Any, torch_value: Any) -> float | None:
-    if not isinstance(onnx, int | float) or not isinstance(torch_value, int | float):
-        return None
-    return float(onnx) - float(torch_value) if abs(onnx) != float("inf") and abs(torch_value) != float("inf") else None
+    numbers = all(isinstance(v, int | float) and math.isfinite(v) for v in (onnx, torch_value))
+    return float(onnx) - float(torch_value) if numbers else None
 
 
 def cross_check(onnx: dict[str, Any], torch_side: dict[str, Any]) -> dict[str, Any]:

@@ -283,3 +283,17 @@ def test_a_causal_lm_perplexity_is_measured_on_its_onnx(tmp_path: Path) -> None:
     assert report["export_check"]["passed"] and report["export_check"]["max_rel_error"] < 1e-4
     assert set(report["export_check"]["artifacts"]) == {"safetensors", "hf_dir"}
     assert all(check["passed"] for check in report["export_check"]["artifacts"].values())
+
+
+def test_an_onnx_with_a_static_batch_is_measured_row_by_row(tmp_path: Path) -> None:
+    from compression.io.ort_model import OrtModel
+
+    model = onnx.load(str(files.tiny_onnx(tmp_path / "tiny.onnx")))
+    for value in (*model.graph.input, *model.graph.output):
+        value.type.tensor_type.shape.dim[0].dim_value = 1
+    onnx.save(model, str(tmp_path / "static.onnx"))
+    runner, dynamic = OrtModel.open(tmp_path / "static.onnx"), OrtModel.open(tmp_path / "tiny.onnx")
+    rows = torch.randn(5, 8, generator=torch.Generator().manual_seed(0))
+    assert runner.static_batch == 1 and dynamic.static_batch is None
+    torch.testing.assert_close(runner(input=rows), dynamic(input=rows))
+    assert runner(input=rows.double()).dtype == torch.float32  # fed as the graph's dtype
