@@ -223,7 +223,8 @@ def render_verdict(data: dict[str, Any]) -> str:
         blocks.append(head + "\n\n" + markdown_table(latency["table"]["columns"], latency["table"]["rows"]))
     for name, section in data.items():
         if name != "latency" and isinstance(section, dict) and section.get("table"):
-            blocks.append(markdown_table(section["table"]["columns"], section["table"]["rows"]))
+            head = f"{section['head']}\n\n" if section.get("head") else ""
+            blocks.append(head + markdown_table(section["table"]["columns"], section["table"]["rows"]))
     blocks += ["\n".join(f"- {note}" for note in data["notes"])] if data.get("notes") else []
     return "\n\n".join(blocks) or "_no table in results_"
 

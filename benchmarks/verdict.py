@@ -10,7 +10,10 @@ batch size unless `--budget-s` says otherwise).
 Parts (each writes its own section of benchmarks/results/verdict.json and keeps the others):
 - `latency`: each run's speedup, 95% interval and `significant` flag per batch size, and whether the
   five intervals overlap (a speedup that is a result, not noise, reproduces within its interval).
-- `metrics` (to come): reported vs re-measured artifact metrics, its own section.
+- `metrics`: reported vs re-measured artifact metrics. Each run's shipped ONNX (and the original ONNX the
+  job measured it against) is loaded here with a plain ONNX Runtime session of our own, its top-1 accuracy
+  re-measured on the 2,000 evaluation images, and compared with the report's `fidelity.metric`; beside it
+  the report's PyTorch cross-check and the export check's largest relative error.
 """
 
 from __future__ import annotations
@@ -68,7 +71,14 @@ def run_jobs(runs: int, tmp: Path, budget_s: float) -> list[dict[str, Any]]:
         timings = {stage: round(s, 1) for stage, s in output.report["timings_s"].items()}
         print(f"run {index + 1}/{runs}: {seconds:.0f} s {timings}", flush=True)
         outputs.append(
-            {"report": output.report, "artifacts": output.artifacts, "wall_s": round(seconds, 1), "budget_s": budget_s}
+            {
+                "report": output.report,
+                "artifacts": output.artifacts,
+                "wall_s": round(seconds, 1),
+                "budget_s": budget_s,
+                "model": model,
+                "evaluation": evaluation,
+            }
         )
     return outputs
 
@@ -131,8 +141,70 @@ def latency_table(runs: list[dict[str, Any]], batches: list[str]) -> dict[str, A
     return {"columns": columns, "rows": rows}
 
 
+def onnx_accuracy(onnx_path: Path, evaluation: Path, input_name: str) -> float:
+    """Top-1 accuracy of an ONNX file on a labelled .npz, with a plain CPU session (nothing from the job)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    with np.load(evaluation) as data:
+        images, labels = data[input_name], data["labels"]
+    logits = np.concatenate(
+        [session.run(None, {input_name: images[i : i + 256]})[0] for i in range(0, len(images), 256)]
+    )
+    return float((logits.argmax(1) == labels).mean())
+
+
+def metrics_run(output: dict[str, Any]) -> dict[str, Any]:
+    report = output["report"]
+    name = report["model"]["inputs"][0]["name"]
+    metric, cross = report["fidelity"]["metric"], report["fidelity"]["cross_check"]["metric"]
+    remeasured = {
+        "original": onnx_accuracy(output["model"], output["evaluation"], name),
+        "compressed": onnx_accuracy(output["artifacts"]["onnx"], output["evaluation"], name),
+    }
+    return {
+        "measured_on": report["fidelity"]["measured_on"],
+        "samples": report["fidelity"]["samples"],
+        "reported": {k: metric[k] for k in ("original", "compressed", "drop")},
+        "remeasured": {**remeasured, "drop": remeasured["original"] - remeasured["compressed"]},
+        "torch_cross_check": {k: cross[k] for k in ("original", "compressed", "drop")},
+        "export_check": {k: report["export_check"].get(k) for k in ("passed", "worst_rel_error", "tolerance")},
+        "verdict": (report.get("gate") or {}).get("verdict"),
+    }
+
+
+def metrics_part(outputs: list[dict[str, Any]]) -> dict[str, Any]:
+    runs = [metrics_run(output) for output in outputs]
+    columns = ["run", "measured on", "samples", "reported orig / comp", "re-measured orig / comp", "difference"]
+    columns += ["PyTorch cross-check orig / comp", "export check max rel. error", "verdict"]
+    rows = []
+    for index, run in enumerate(runs, start=1):
+        reported, again, cross = run["reported"], run["remeasured"], run["torch_cross_check"]
+        difference = max(abs(reported[k] - again[k]) for k in ("original", "compressed"))
+        rows.append(
+            [
+                index,
+                run["measured_on"],
+                run["samples"],
+                f"{reported['original']:.4f} / {reported['compressed']:.4f}",
+                f"{again['original']:.4f} / {again['compressed']:.4f}",
+                difference,
+                f"{cross['original']:.4f} / {cross['compressed']:.4f}",
+                f"{run['export_check']['worst_rel_error']:.1e}",
+                run["verdict"],
+            ]
+        )
+    agree = all(row[5] == 0 for row in rows)
+    head = (
+        "Reported vs re-measured top-1 accuracy of the shipped artifacts (each run's ONNX files loaded with a "
+        "session of the benchmark's own, on the same evaluation images); every run identical: "
+        f"{'yes' if agree else 'no'}."
+    )
+    return {"job": JOB, "runs": runs, "all_identical": agree, "head": head, "table": {"columns": columns, "rows": rows}}
+
+
 # A part: a function (the runs' outputs) -> its section of verdict.json, with a `table` for the README.
-PARTS = {"latency": latency_part}
+PARTS = {"latency": latency_part, "metrics": metrics_part}
 
 
 def save(sections: dict[str, Any], runs: int) -> None:

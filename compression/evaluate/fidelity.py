@@ -228,7 +228,7 @@ def _embed(module: nn.Module, tokenizer: Any, texts: list[str], seq_len: int, de
 
 
 def _pair_cosines(module: nn.Module, tokenizer: Any, pairs: list[tuple[str, str, float]], seq_len: int) -> np.ndarray:
-    device = next(module.parameters()).device
+    device = next((p.device for p in module.parameters()), torch.device("cpu"))  # an ONNX runtime has none
     a = _embed(module, tokenizer, [p[0] for p in pairs], seq_len, device)
     b = _embed(module, tokenizer, [p[1] for p in pairs], seq_len, device)
     return F.cosine_similarity(a, b, dim=-1).numpy()

@@ -53,6 +53,15 @@ def _recovery_check(gate: Gate, report: dict[str, Any]) -> dict[str, Any]:
     return _check("min_recovery", gate.min_recovery, measured, ok, "compressed / original metric")
 
 
+def _export_check(report: dict[str, Any]) -> dict[str, Any]:
+    """Always on: the shipped ONNX matches the PyTorch model and every other artifact matches the ONNX."""
+    export = report.get("export_check") or {}
+    measured = export.get("worst_rel_error", export.get("max_rel_error"))
+    limit = export.get("tolerance")
+    ok = bool(export.get("passed")) and measured is not None
+    return _check("export_check", limit, measured, ok, "max relative output error between the shipped artifacts")
+
+
 def has_evaluation_data(report: dict[str, Any]) -> bool:
     """False when the metric could only be taken on synthetic inputs: nothing real was judged."""
     return report.get("data", {}).get("used_for", {}).get("fidelity") != "synthetic"
@@ -68,15 +77,19 @@ def _check(name: str, limit: float, measured: float | None, passed: bool, unit: 
     return {"name": name, "limit": limit, "measured": measured, "passed": passed, "unit": unit}
 
 
-def check_gate(gate: Gate, report: dict[str, Any]) -> dict[str, Any]:
+def check_gate(gate: Gate, report: dict[str, Any], *, exported: bool = True) -> dict[str, Any]:
     """{verdict: "pass" | "fail" | "inconclusive", checks: [{name, limit, measured, passed, unit}]}.
 
     A check whose value could not be measured fails (a gate the report cannot prove is not passed).
+    The last check, `export_check`, is always there for an exported model (`exported=False`: a candidate
+    judged before export, e.g. a point of a mixed-precision sweep): the shipped artifacts must match each
+    other (report["export_check"]).
     Without evaluation data (fidelity on synthetic inputs) the verdict is `inconclusive`, whatever the
     checks say: there was nothing to judge the model on.
     Reads report["fidelity"]["metric"]["drop"/"original"/"compressed"/"drop_ci95"],
     report["data"]["used_for"]["fidelity"], report["latency"]["speedup_ci95"],
-    report["compressed"]["size_bytes"] and report["compressed"]["fraction_at_target_bits"].
+    report["compressed"]["size_bytes"], report["compressed"]["fraction_at_target_bits"] and
+    report["export_check"]["passed"/"worst_rel_error"/"tolerance"].
     """
     checks = []
     if gate.max_metric_drop is not None:
@@ -104,4 +117,6 @@ def check_gate(gate: Gate, report: dict[str, Any]) -> dict[str, Any]:
         fraction = _fraction_at_target(report)
         ok = fraction is not None and fraction >= gate.min_fraction_at_target_bits
         checks.append(_check("min_fraction_at_target_bits", gate.min_fraction_at_target_bits, fraction, ok, "fraction"))
+    if exported:
+        checks.append(_export_check(report))
     return {"verdict": _verdict(checks, report), "checks": checks}

@@ -192,8 +192,8 @@ def _side(session: Any, threads: int, rows: dict[str, dict]) -> dict[str, Any]:
 
 
 def paired_latency(
-    original: Path,
-    compressed: Path,
+    original: Path | Any,
+    compressed: Path | Any,
     feeds: dict[str, np.ndarray],
     *,
     threads: int | None = None,
@@ -204,14 +204,18 @@ def paired_latency(
     seed: int = 0,
     prefer_cuda: bool = True,
 ) -> dict[str, Any]:
-    """Both models timed in interleaved rounds; the report's `latency` section.
+    """Both models timed in interleaved rounds; the report's `latency` section. `original` and `compressed`
+    are ONNX paths, or ORT sessions already open (the job times the sessions it measured the metric with).
 
     {original, compressed: {provider, threads, batches}, speedup_by_batch: {batch: ratio of medians},
     by_batch: {batch: {speedup, speedup_ci95: [lo, hi], significant, rounds}}, speedup / speedup_ci95 /
     significant (the smallest batch), threads: {intra_op, inter_op}, load, method, notes}.
     """
     load_start, intra = load_average(), intra_op_threads(threads)
-    sessions = tuple(make_session(p, threads=intra, prefer_cuda=prefer_cuda) for p in (original, compressed))
+    sessions = tuple(
+        make_session(p, threads=intra, prefer_cuda=prefer_cuda) if isinstance(p, str | Path) else p
+        for p in (original, compressed)
+    )
     timing = {"warmup": warmup, "budget_s": budget_s, "max_rounds": max_rounds, "seed": seed}
     results = {
         str(batch): _compare_batch(sessions, batch_feeds(feeds, batch), batch, timing)

@@ -19,12 +19,12 @@ def param_count(model: nn.Module) -> int:
 
 def _scale_bits(result: CompressionResult, name: str) -> int:
     layer = result.quantized[name]
-    per_group = 16 if bool((layer.zeros == 0).all()) else 32  # fp16 S (+ fp16 Z when asymmetric)
+    per_group = 32 if bool((layer.zeros == 0).all()) else 64  # fp32 S (+ fp32 Z when asymmetric), as shipped
     return layer.scales.numel() * per_group
 
 
 def bits_per_weight(result: CompressionResult) -> dict[str, Any]:
-    """Nominal (the codes' bit width) vs actual (codes + fp16 scales/zeros) bits per quantized weight,
+    """Nominal (the codes' bit width) vs actual (codes + fp32 scales/zeros) bits per quantized weight,
     and the average over ALL weights of the quantizable layers, float layers counted at 32 bits."""
     quant_weights = sum(q.codes.numel() for q in result.quantized.values())
     code_bits = sum(q.codes.numel() * q.bits for q in result.quantized.values())

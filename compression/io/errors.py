@@ -19,4 +19,5 @@ class DatasetError(CompressionIOError):
 
 
 class ExportError(CompressionIOError):
-    """Codes: export_failed, export_mismatch."""
+    """Codes: export_failed, export_mismatch, export_layer_missing, export_node_collision,
+    export_dynamic_shapes_failed."""

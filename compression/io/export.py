@@ -18,16 +18,16 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import onnx
 import torch
 from onnx import helper, numpy_helper
 from safetensors.torch import save_file
 from torch import nn
 
+from compression.io.artifact_checks import EXPORT_TOLERANCE, onnx_outputs, output_agreement, torch_outputs
 from compression.io.errors import ExportError
 from compression.io.model import LoadedModel
-from compression.io.onnx_graph import WeightLayer, find_weight_layers
+from compression.io.onnx_graph import WeightLayer
 from compression.io.onnx_rewrite import (
     MATMUL_NBITS_BITS,
     Subgraph,
@@ -37,10 +37,12 @@ from compression.io.onnx_rewrite import (
     packed_rows,
 )
 from compression.io.onnx_torch import OnnxModule
-from compression.primitives.layers import get_weight_matrix
+from compression.io.ort_model import OrtModel
+from compression.io.torch_onnx import match_layers, torch_export_onnx
 from compression.types import CompressionResult, QuantizedLayer
 
 MANIFEST_VERSION = 1
+UNUSED_STORAGE = "unused (its output does not reach the model's outputs, so the ONNX graph has no node for it)"
 LIBRARIES = ("torch", "onnx", "onnxruntime", "safetensors", "numpy", "transformers", "modelpress")
 
 
@@ -192,76 +194,20 @@ def _ensure_opset(model: onnx.ModelProto, domain: str, version: int) -> None:
         model.opset_import.append(helper.make_opsetid(domain, version))
 
 
-def _dynamic_dims(example: dict[str, torch.Tensor], sequence: bool) -> dict[str, dict[int, Any]]:
-    """Batch (dim 0) dynamic for every input; with `sequence`, dim 1 of integer inputs (token ids, masks) too."""
-    batch, length = torch.export.Dim("batch"), torch.export.Dim("sequence")
-    dims: dict[str, dict[int, Any]] = {name: {0: batch} for name in example}
-    for name, tensor in example.items():
-        if sequence and tensor.dim() >= 2 and not tensor.is_floating_point():
-            dims[name][1] = length
-    return dims
-
-
-def _torch_export_onnx(
-    model: nn.Module, example: dict[str, torch.Tensor], work: Path, *, dynamic_sequence: bool = False
-) -> onnx.ModelProto:
-    target = work / "exported.onnx"
-    names = list(example)
-    dynamic = _dynamic_dims(example, dynamic_sequence)
-    try:
-        torch.onnx.export(
-            model, (), str(target), kwargs=example, input_names=names, dynamo=True, dynamic_shapes=dynamic
-        )
-    except Exception:
-        torch.onnx.export(model, (), str(target), kwargs=example, input_names=names, dynamo=True)
-    return onnx.load(str(target))
-
-
 def base_graph(
-    result: CompressionResult,
-    loaded: LoadedModel,
-    example: dict[str, torch.Tensor],
-    *,
-    dynamic_sequence: bool = False,
-) -> tuple[onnx.ModelProto, dict[str, WeightLayer]]:
-    """The graph to rewrite and its weight layers keyed by module name, weights synced from result.model.
-    `dynamic_sequence`: a torch export accepts any sequence length (a graph run on every batch of a text set)."""
+    result: CompressionResult, loaded: LoadedModel, example: dict[str, torch.Tensor]
+) -> tuple[onnx.ModelProto, dict[str, WeightLayer], set[str]]:
+    """The graph to rewrite, its weight layers keyed by module name (weights synced from result.model), and
+    the quantized layers that take no part in the forward pass (so the graph has no node for them)."""
     if isinstance(result.model, OnnxModule) and loaded.source_onnx is not None:
         model = onnx.load(str(loaded.source_onnx), load_external_data=True)
         layers = dict(result.model.layer_initializers)
         sync_initializers(model.graph, layers, result.model)
-        return model, layers
+        return model, layers, set()
     with tempfile.TemporaryDirectory(prefix="modelpress-export-") as work:
-        model = _torch_export_onnx(result.model.eval(), example, Path(work), dynamic_sequence=dynamic_sequence)
-    return model, match_layers_by_value(model.graph, result.model, list(result.quantized))
-
-
-def _value_key(matrix: np.ndarray) -> tuple[tuple[int, ...], str]:
-    data = np.ascontiguousarray(matrix, dtype=np.float32)
-    return data.shape, hashlib.sha1(data.tobytes()).hexdigest()
-
-
-def match_layers_by_value(graph: onnx.GraphProto, model: nn.Module, names: list[str]) -> dict[str, WeightLayer]:
-    """Find each named module's weight layer in a freshly exported graph by the weight's exact values.
-
-    The dynamo exporter renames (and for 3-D inputs pre-transposes) Linear weights, so names alone
-    do not identify them; the fake-quantized values do.
-    """
-    inits = {init.name: init for init in graph.initializer}
-    by_value: dict[tuple[tuple[int, ...], str], WeightLayer] = {}
-    for layer in find_weight_layers(graph):
-        if layer.kind not in ("conv", "linear"):
-            continue
-        array = numpy_helper.to_array(inits[layer.initializers["weight"]])
-        matrix = array.T if layer.transposed else array.reshape(array.shape[0], -1)
-        by_value.setdefault(_value_key(matrix), layer)
-    found = {}
-    for name in names:
-        matrix = get_weight_matrix(model.get_submodule(name)).cpu().float().numpy()
-        layer = by_value.get(_value_key(matrix.reshape(matrix.shape[0], -1)))
-        if layer is not None:
-            found[name] = replace(layer, name=name)
-    return found
+        model = torch_export_onnx(result.model.eval(), example, loaded.input_specs, Path(work))
+    layers, unused = match_layers(model.graph, result.model, list(result.quantized), example)
+    return model, layers, unused
 
 
 def write_onnx(
@@ -271,21 +217,38 @@ def write_onnx(
     example: dict[str, torch.Tensor],
     options: ExportOptions | None = None,
 ) -> dict[str, str]:
-    """Write the compressed ONNX model; returns layer -> storage kind ("float" for layers the graph lacks)."""
+    """Write the compressed ONNX model; returns layer -> storage kind. Every quantized layer that takes part
+    in the forward pass is stored quantized; one the graph lacks fails the export (`export_layer_missing`)."""
     options = options or ExportOptions()
     try:
-        model, layers = base_graph(result, loaded, example)
+        model, layers, unused = base_graph(result, loaded, example)
+    except ExportError:
+        raise
     except Exception as error:
         raise ExportError("export_failed", f"could not produce an ONNX graph: {error}") from error
-    in_graph = {name: q for name, q in result.quantized.items() if name in layers}
-    storage = replace_quantized_layers(model, layers, in_graph, options)
-    for name in result.quantized.keys() - in_graph.keys():
-        storage[name] = "float (layer not found in the exported graph; fake-quantized weights kept in float)"
+    missing = sorted(result.quantized.keys() - layers.keys() - unused)
+    if missing:
+        raise ExportError("export_layer_missing", f"quantized layers not in the ONNX graph: {missing[:5]}")
+    shipped = {name: q for name, q in result.quantized.items() if name not in unused}
+    _refuse_shared_nodes({name: layers[name] for name in shipped})
+    storage = replace_quantized_layers(model, layers, shipped, options)
+    for name in unused:
+        storage[name] = UNUSED_STORAGE
     if model.ByteSize() > 1_800_000_000:
         onnx.save_model(model, str(path), save_as_external_data=True, location=path.name + ".data")
     else:
         onnx.save_model(model, str(path))
     return storage
+
+
+def _refuse_shared_nodes(layers: dict[str, WeightLayer]) -> None:
+    owners: dict[int, str] = {}
+    for name, layer in layers.items():
+        if layer.node_index in owners:
+            raise ExportError(
+                "export_node_collision", f"quantized layers {owners[layer.node_index]!r} and {name!r} map to one node"
+            )
+        owners[layer.node_index] = name
 
 
 def untied_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -304,14 +267,15 @@ def untied_state_dict(model: nn.Module) -> tuple[dict[str, torch.Tensor], dict[s
 
 
 def write_safetensors(result: CompressionResult, path: Path) -> dict[str, Any]:
-    """Packed codes + fp16 scales/zeros per quantized layer, float tensors for everything else."""
+    """Packed codes + fp32 scales/zeros per quantized layer (the precision the ONNX stores and evaluation
+    uses: one precision end to end), float tensors for everything else."""
     tensors: dict[str, torch.Tensor] = {}
     layers_meta: dict[str, Any] = {}
     for name, quant in result.quantized.items():
         _, _, padded = option_a_layout(quant)
         tensors[f"{name}.qweight"] = torch.from_numpy(packed_rows(quant, quant.group_size))
-        tensors[f"{name}.scales"] = quant.scales.to(torch.float16).contiguous()
-        tensors[f"{name}.zeros"] = quant.zeros.to(torch.float16).contiguous()
+        tensors[f"{name}.scales"] = quant.scales.to(torch.float32).contiguous()
+        tensors[f"{name}.zeros"] = quant.zeros.to(torch.float32).contiguous()
         layers_meta[name] = {
             "kind": quant.kind,
             "bits": quant.bits,
@@ -330,6 +294,7 @@ def write_safetensors(result: CompressionResult, path: Path) -> dict[str, Any]:
         "packing": "compression.primitives.pack: per row u = code + 2^(bits-1), padded to padded_cols "
         "with 2^(bits-1), little-endian bit stream",
         "dequantize": "W = (u - 2^(bits-1)) * scales[group] + zeros[group], groups of group_size columns",
+        "scales_dtype": "float32",
         "layers": json.dumps(layers_meta),
         "tied": json.dumps(ties),
     }
@@ -376,40 +341,16 @@ def export_artifacts(
     return paths
 
 
-def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    scale = float(np.abs(want).max()) if want.size else 1.0
-    return float(np.abs(got - want).max()) / (scale or 1.0) if want.size else 0.0
-
-
 def verify_onnx(
-    onnx_path: Path, model: nn.Module, example: dict[str, torch.Tensor], *, tolerance: float = 2e-2
+    onnx_model: Path | OrtModel,
+    model: nn.Module,
+    example: dict[str, torch.Tensor],
+    *,
+    tolerance: float = EXPORT_TOLERANCE,
 ) -> dict[str, Any]:
-    """Run the exported ONNX with ORT and the torch model on `example`: the relative max error over every
-    output and the verdict; top-1 agreement and cosine on the first (primary) output."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    wanted = {i.name for i in session.get_inputs()}
-    feeds = {name: t.detach().cpu().numpy() for name, t in example.items() if name in wanted}
-    got_all = session.run(None, feeds)
-    with torch.no_grad():
-        output = model(**example)
-    want_all = [t.detach().cpu().numpy() for t in (output if isinstance(output, tuple) else (output,))]
-    if len(got_all) != len(want_all):
-        return {"passed": False, "reason": f"{len(got_all)} ONNX outputs != {len(want_all)} model outputs"}
-    for got, want in zip(got_all, want_all, strict=True):
-        if got.shape != want.shape:
-            return {"passed": False, "reason": f"shape {got.shape} != {want.shape}"}
-    rel = max(_relative_error(got, want) for got, want in zip(got_all, want_all, strict=True))
-    got, want = got_all[0], want_all[0]
-    agree = float((got.argmax(-1) == want.argmax(-1)).mean()) if got.ndim >= 2 else None
-    flat_got, flat_want = got.reshape(len(got), -1), want.reshape(len(want), -1)
-    norms = np.linalg.norm(flat_got, axis=1) * np.linalg.norm(flat_want, axis=1)
-    cosine = float(np.mean((flat_got * flat_want).sum(1) / np.maximum(norms, 1e-30)))
-    return {
-        "passed": rel <= tolerance,
-        "max_rel_error": rel,
-        "top1_agreement": agree,
-        "mean_cosine": cosine,
-        "tolerance": tolerance,
-    }
+    """The export check: the exported ONNX in ONNX Runtime (a path, or the job's own session) against the torch
+    model on `example`: relative max error over every output and the verdict at `tolerance`; top-1
+    agreement and cosine on the first (primary) output."""
+    runner = onnx_model if isinstance(onnx_model, OrtModel) else OrtModel.open(Path(onnx_model))
+    check = output_agreement(onnx_outputs(runner, example), torch_outputs(model, example), tolerance)
+    return {**check, "compared_to": "torch", "rows": int(next(iter(example.values())).shape[0])}

@@ -76,6 +76,11 @@ def _build(model_dir: Path, task: Task) -> nn.Module:
         "causal_lm": transformers.AutoModelForCausalLM,
         "classifier": transformers.AutoModelForSequenceClassification,
     }.get(task, transformers.AutoModel)
+    config = transformers.AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False)
+    if getattr(config, "modelpress_pruning", None) is not None:  # pruned shapes its config cannot describe
+        from compression.primitives.depgraph import load_pruned_pretrained
+
+        return load_pruned_pretrained(model_dir, auto)
     return auto.from_pretrained(
         str(model_dir),
         trust_remote_code=False,

@@ -118,6 +118,20 @@ def find_weight_layers(graph: onnx.GraphProto) -> list[WeightLayer]:
     return layers
 
 
+def untie_weight(graph: onnx.GraphProto, name: str) -> int:
+    """Give every weight layer node after the first that reads initializer `name` as its weight a copy of its
+    own (an exporter may merge equal weights of distinct modules into one); returns the copies made."""
+    inits = {init.name: init for init in graph.initializer}
+    users = [node for node in graph.node if (found := _classify(node, inits)) and found[1]["weight"] == name]
+    for index, node in enumerate(users[1:], start=1):
+        copy = onnx.TensorProto()
+        copy.CopyFrom(inits[name])
+        copy.name = f"{name}.untied{index}"
+        graph.initializer.append(copy)
+        node.input[1] = copy.name
+    return len(users) - 1
+
+
 def initializer_array(graph: onnx.GraphProto, name: str) -> Any:
     for init in graph.initializer:
         if init.name == name:

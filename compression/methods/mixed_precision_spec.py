@@ -36,7 +36,7 @@ def _materialize(point: dict[str, Any], result: CompressionResult, run: MethodRu
 def _evaluate(candidate: CompressionResult, run: MethodRun, gate: Gate) -> dict[str, Any]:
     assert run.measure is not None
     sections = run.measure(candidate)
-    checks = check_gate(gate, sections)
+    checks = check_gate(gate, sections, exported=False)
     metric = sections["fidelity"]["metric"]
     return {
         "metric": metric.get("compressed"),
@@ -82,7 +82,7 @@ def pick_sweep_point(result: CompressionResult, run: MethodRun) -> CompressionRe
     if len(points) < 2 or not run.job.gate or run.measure is None or run.calib is None:
         return result
     gate = Gate(**run.job.gate).model_copy(update=AFTER_EXPORT)
-    if not check_gate(gate, {})["checks"]:  # only after-export checks: nothing to choose a point by
+    if not check_gate(gate, {}, exported=False)["checks"]:  # only after-export checks: nothing to choose a point by
         return result
     chosen, picked = _sweep(result, run, gate)
     for point in points:

@@ -31,9 +31,10 @@ from onnx import numpy_helper
 from torch import nn
 
 from compression.configs import Int8Config
-from compression.io.export import base_graph, match_layers_by_value
+from compression.io.export import base_graph
 from compression.io.model import LoadedModel
 from compression.io.ort_module import OrtGraphModule
+from compression.io.torch_onnx import match_layers_by_value
 from compression.types import Batches, CompressionResult, ProgressFn, QuantizedLayer, no_progress
 
 WEIGHT_OPS = ("Conv", "MatMul", "Gemm")
@@ -78,9 +79,9 @@ def float_graph(loaded: LoadedModel, example: dict[str, torch.Tensor], work: Pat
     """The job's model as a float ONNX file under `work` (the upload's graph, or the torch export, whose
     token inputs take any sequence length: text batches are padded per batch)."""
     source = CompressionResult(model=loaded.module, method="float")
-    model, layers = base_graph(source, loaded, example, dynamic_sequence=True)
+    model, layers, _ = base_graph(source, loaded, example)
     if not layers:  # a torch export: find each layer's node by its weight values
-        layers = match_layers_by_value(model.graph, loaded.module, loaded.info.get("quantizable_layers", []))
+        layers, _ = match_layers_by_value(model.graph, loaded.module, loaded.info.get("quantizable_layers", []))
     path = work / "float.onnx"
     onnx.save_model(model, str(path))
     return FloatGraph(path, {model.graph.node[layer.node_index].name: name for name, layer in layers.items()})

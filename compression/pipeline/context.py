@@ -21,8 +21,8 @@ ProgressCallback = Callable[[str, float, str], None]
 STAGES: dict[str, tuple[float, float]] = {
     "load": (0.0, 0.10),
     "compress": (0.10, 0.65),
-    "evaluate": (0.65, 0.82),
-    "export": (0.82, 0.90),
+    "export": (0.65, 0.78),
+    "evaluate": (0.78, 0.90),
     "benchmark": (0.90, 1.0),
 }
 

@@ -1,39 +1,123 @@
-"""The `evaluate` stage: the original and the compressed model compared on the same data."""
+"""The `evaluate` stage: the shipped artifact measured, the PyTorch model as a cross-check.
+
+Task metric and fidelity come from the two ONNX files in ONNX Runtime (the original's and the compressed
+one, in the sessions the benchmark then times): `fidelity.measured_on = "onnx"`. The PyTorch models
+(the compressed one holds fake-quantized float weights) are measured on the same data as a cross-check,
+`fidelity.cross_check`, with how far their metric is from the artifact's. The export check compares the
+ONNX with the PyTorch model, and every other model artifact with the ONNX, at one tolerance; the gate
+reads it as its `export_check` (without a gate, a failed export check fails the job).
+"""
 
 from __future__ import annotations
 
+import math
 from typing import Any
+
+from torch import nn
 
 from compression.evaluate import compare_outputs, estimate_flops, layer_diagnosis
 from compression.evaluate.fidelity import spearman_metric
 from compression.io import LoadedModel
+from compression.io.artifact_checks import EXPORT_TOLERANCE, check_artifacts, onnx_outputs
 from compression.io.data import read_pairs
-from compression.pipeline.context import JobError, JobSpec, Stages, to_device
+from compression.io.export import verify_onnx
+from compression.pipeline.context import JobError, JobSpec, Stages, example, to_device
+from compression.pipeline.export import Runtimes
 from compression.types import Batches, CompressionResult
+
+CHECK_ROWS = 64  # rows of the evaluation data every artifact is run on for the export check
+
+
+def _fidelity(
+    original: nn.Module, compressed: nn.Module, loaded: LoadedModel, batches: Batches, pairs: list | None, spec: JobSpec
+) -> dict[str, Any]:
+    fidelity = compare_outputs(original, compressed, batches, task=loaded.task)
+    if pairs and loaded.task == "encoder":
+        fidelity["metric"] = spearman_metric(original, compressed, loaded.tokenizer, pairs, spec.seq_len)
+    return fidelity
+
+
+def _difference(onnx: Any, torch_value: Any) -> float | None:
+    numbers = all(isinstance(v, int | float) and math.isfinite(v) for v in (onnx, torch_value))
+    return float(onnx) - float(torch_value) if numbers else None
+
+
+def cross_check(onnx: dict[str, Any], torch_side: dict[str, Any]) -> dict[str, Any]:
+    """The PyTorch models' numbers on the same data, and the artifact's minus them (0: they agree)."""
+    keys = ("top1_agreement", "kl_divergence", "sqnr_db", "mean_cosine")
+    metric = torch_side["metric"]
+    return {
+        "measured_on": "torch",
+        "what": "the PyTorch original and compressed (fake-quantized) models on the same evaluation data",
+        "metric": {k: metric.get(k) for k in ("name", "original", "compressed", "drop")},
+        **{k: torch_side.get(k) for k in keys},
+        "onnx_minus_torch": {
+            "metric_original": _difference(onnx["metric"].get("original"), metric.get("original")),
+            "metric_compressed": _difference(onnx["metric"].get("compressed"), metric.get("compressed")),
+            "metric_drop": _difference(onnx["metric"].get("drop"), metric.get("drop")),
+        },
+    }
+
+
+def export_check(runtimes: Runtimes, result: CompressionResult, artifacts: dict, eval_data: Batches) -> dict[str, Any]:
+    """The ONNX against the PyTorch model, and every other model artifact against the ONNX, on the same rows."""
+    rows = example(eval_data, CHECK_ROWS)
+    check = verify_onnx(runtimes.compressed, result.model, rows)
+    others = check_artifacts(artifacts, onnx_outputs(runtimes.compressed, rows), rows, result)
+    errors = [c.get("max_rel_error") for c in (check, *others.values())]
+    worst = None if any(e is None for e in errors) else max(errors)
+    return {
+        **check,
+        "passed": bool(check["passed"] and all(c["passed"] for c in others.values())),
+        "onnx_passed": bool(check["passed"]),
+        "worst_rel_error": worst,
+        "tolerance": EXPORT_TOLERANCE,
+        "artifacts": others,
+    }
+
+
+def _diagnosis(loaded: LoadedModel, result: CompressionResult, batches: Batches) -> tuple[dict, dict]:
+    few = Batches(inputs=batches.inputs[:4])
+    diagnosis = layer_diagnosis(loaded.module, result.model, few, loaded.info.get("quantizable_layers", []))
+    first = batches.inputs[0]
+    return diagnosis, {
+        "original": estimate_flops(loaded.module, first),
+        "compressed": estimate_flops(result.model, first),
+    }
 
 
 def evaluate_stage(
-    loaded: LoadedModel, result: CompressionResult, eval_data: Batches, spec: JobSpec, stages: Stages
+    loaded: LoadedModel,
+    result: CompressionResult,
+    eval_data: Batches,
+    runtimes: Runtimes,
+    artifacts: dict,
+    spec: JobSpec,
+    stages: Stages,
 ) -> dict[str, Any]:
-    stages.start("evaluate", "comparing outputs with the original")
-    batches = to_device(eval_data, spec.device)
+    stages.start("evaluate", "measuring the exported models in ONNX Runtime")
     try:
-        fidelity = compare_outputs(loaded.module, result.model, batches, task=loaded.task)
         pairs = read_pairs(spec.evaluation_path) if spec.evaluation_path and loaded.tokenizer else None
-        if pairs and loaded.task == "encoder":
-            stages.report(0.4, f"Spearman on {len(pairs)} scored pairs")
-            fidelity["metric"] = spearman_metric(loaded.module, result.model, loaded.tokenizer, pairs, spec.seq_len)
-        stages.report(0.6, "per-layer diagnosis")
-        few = Batches(inputs=batches.inputs[:4])
-        diagnosis = layer_diagnosis(loaded.module, result.model, few, loaded.info.get("quantizable_layers", []))
-        example = batches.inputs[0]
-        flops = {
-            "original": estimate_flops(loaded.module, example),
-            "compressed": estimate_flops(result.model, example),
-        }
+        fidelity = _fidelity(runtimes.original, runtimes.compressed, loaded, eval_data, pairs, spec)
+        fidelity["measured_on"] = "onnx"
+        fidelity["onnx_provider"] = runtimes.compressed.provider
+        stages.report(0.4, "cross-checking against the PyTorch models")
+        loaded.module.to(spec.device)
+        result.model.to(spec.device)
+        batches = to_device(eval_data, spec.device)
+        fidelity["cross_check"] = cross_check(
+            fidelity, _fidelity(loaded.module, result.model, loaded, batches, pairs, spec)
+        )
+        stages.report(0.7, "per-layer diagnosis and the export check")
+        diagnosis, flops = _diagnosis(loaded, result, batches)
+        loaded.module.cpu()
+        result.model.cpu()
+        check = export_check(runtimes, result, artifacts, eval_data)
     except JobError:
         raise
     except Exception as error:
         raise JobError("evaluation_failed", f"{type(error).__name__}: {error}") from error
+    if not check["passed"] and not spec.gate:
+        raise JobError("export_mismatch", f"the shipped artifacts disagree beyond {EXPORT_TOLERANCE}: {check}")
     stages.end()
-    return {"fidelity": fidelity, "diagnosis": diagnosis, "flops": flops}
+    return {"fidelity": fidelity, "diagnosis": diagnosis, "flops": flops, "export_check": check}

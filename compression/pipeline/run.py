@@ -52,10 +52,10 @@ def load_inputs(spec: JobSpec, stages: Stages) -> JobInputs:
 
 
 def estimated_bytes(result: CompressionResult) -> int:
-    """Stored size before export: fp32 tensors, quantized weights as their codes plus fp16 scales/zeros."""
+    """Stored size before export: fp32 tensors, quantized weights as their codes plus fp32 scales/zeros."""
     float_bytes = model_size(result.model)["float_bytes"]
     for layer in result.quantized.values():
-        per_group = 2 if bool((layer.zeros == 0).all()) else 4
+        per_group = 4 if bool((layer.zeros == 0).all()) else 8
         float_bytes += layer.codes.numel() * (layer.bits / 8 - 4) + layer.scales.numel() * per_group
     return int(float_bytes)
 

@@ -68,7 +68,7 @@ def test_passing_and_failing_gates_exit_0_and_1(ci) -> None:  # type: ignore[no-
     ]
     passing = run_cli("compress", *common, "--max-metric-drop", "0.5", "--out", str(tmp / "pass"), env=env)
     assert passing.returncode == 0, passing.stderr
-    assert junit_cases(tmp / "pass" / "junit.xml") == {"max_metric_drop": True}
+    assert junit_cases(tmp / "pass" / "junit.xml") == {"max_metric_drop": True, "export_check": True}
     assert json.loads((tmp / "pass" / "report.json").read_text())["gate"]["verdict"] == "pass"
     assert {p.suffix for p in (tmp / "pass" / "artifacts").iterdir()} >= {".onnx", ".safetensors", ".json"}
     assert "verdict: pass" in passing.stdout
@@ -80,7 +80,7 @@ def test_passing_and_failing_gates_exit_0_and_1(ci) -> None:  # type: ignore[no-
     )
     failing = run_cli("compress", *common, "--max-size-bytes", "10", "--out", str(tmp / "fail"), env=env)
     assert failing.returncode == 1, failing.stderr
-    assert junit_cases(tmp / "fail" / "junit.xml") == {"max_size_bytes": False}
+    assert junit_cases(tmp / "fail" / "junit.xml") == {"max_size_bytes": False, "export_check": True}
     assert "already on server" in failing.stderr, "the model was uploaded once, then found by sha256"
 
 
@@ -95,7 +95,8 @@ def test_no_evaluation_data_is_inconclusive_and_exits_5(ci) -> None:  # type: ig
     suite = ET.parse(tmp / "none" / "junit.xml").getroot()
     assert suite.get("errors") == "1" and suite.get("failures") == "0"
     assert [case.get("name") for case in suite.iter("testcase") if case.find("skipped") is not None] == [
-        "max_metric_drop"
+        "max_metric_drop",
+        "export_check",
     ]
 
 
@@ -228,4 +229,4 @@ def test_ctrl_c_during_wait_leaves_the_job_running_and_the_hint_reattaches(live_
     reattached = run_cli(*shlex.split(hint)[1:], env=env)
     assert reattached.returncode == 0, reattached.stderr
     assert "verdict: pass" in reattached.stdout
-    assert junit_cases(out / "junit.xml") == {"max_metric_drop": True}
+    assert junit_cases(out / "junit.xml") == {"max_metric_drop": True, "export_check": True}

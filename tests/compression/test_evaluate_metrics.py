@@ -141,9 +141,9 @@ def _quantized_result() -> CompressionResult:
 def test_bits_per_weight_nominal_vs_actual() -> None:
     bits = bits_per_weight(_quantized_result())
     assert bits["nominal_bits"] == 2.0
-    assert bits["actual_bits"] == pytest.approx(2.0 + 32 / 64)  # fp16 S + fp16 Z per group of 64
+    assert bits["actual_bits"] == pytest.approx(2.0 + 64 / 64)  # fp32 S + fp32 Z per group of 64, as shipped
     float_weights = 4 * 9 + 5 * 32
-    assert bits["all_weights_bits"] == pytest.approx((32 * 256 * 2.5 + 32 * float_weights) / (32 * 256 + float_weights))
+    assert bits["all_weights_bits"] == pytest.approx((32 * 256 * 3.0 + 32 * float_weights) / (32 * 256 + float_weights))
 
 
 def test_flops_and_size_of_a_known_net() -> None:
@@ -174,13 +174,14 @@ def _report(drop: float, original: float, speedup: float | None, size: int) -> d
         "fidelity": {"metric": {"name": "accuracy", "original": original, "drop": drop}},
         "latency": {"speedup": speedup, "speedup_ci95": None if speedup is None else [speedup, speedup]},
         "compressed": {"size_bytes": size, "fraction_at_target_bits": 0.9},
+        "export_check": {"passed": True, "worst_rel_error": 1e-6, "tolerance": 0.02},
     }
 
 
 def test_gate_passes_fails_and_fails_unmeasured() -> None:
     gate = Gate(max_metric_drop=0.01, min_speedup=1.2, max_size_bytes=1000, min_fraction_at_target_bits=0.8)
     passed = check_gate(gate, _report(0.005, 0.9, 1.5, 900))
-    assert passed["verdict"] == "pass" and len(passed["checks"]) == 4
+    assert passed["verdict"] == "pass" and len(passed["checks"]) == 5  # the export check is always there
     failed = check_gate(gate, _report(0.02, 0.9, 1.5, 900))
     assert failed["verdict"] == "fail"
     assert [c["name"] for c in failed["checks"] if not c["passed"]] == ["max_metric_drop"]
@@ -189,14 +190,16 @@ def test_gate_passes_fails_and_fails_unmeasured() -> None:
     relative = check_gate(Gate(max_metric_drop=0.01, drop_is_relative=True), _report(0.02, 4.0, 1.0, 1))
     assert relative["verdict"] == "pass" and relative["checks"][0]["measured"] == pytest.approx(0.005)
 
-    # A gate asks only what it names: the empty gate has no check, so even this terrible report passes it,
-    # while each single limit alone rejects the same report (the report is bad, and every field reads it).
+    # A gate asks only what it names (and the always-on export check): the empty gate passes even this
+    # terrible report, while each single limit alone rejects it (the report is bad, and every field reads it).
     terrible = {
         "fidelity": {"metric": {"name": "accuracy", "original": 0.9, "compressed": 0.1, "drop": 0.8}},
         "latency": {"speedup": 0.1, "speedup_ci95": [0.09, 0.11]},
         "compressed": {"size_bytes": 10**9, "fraction_at_target_bits": 0.1},
+        "export_check": {"passed": True, "worst_rel_error": 1e-6, "tolerance": 0.02},
     }
-    assert check_gate(Gate(), terrible) == {"verdict": "pass", "checks": []}
+    empty = check_gate(Gate(), terrible)
+    assert empty["verdict"] == "pass" and [c["name"] for c in empty["checks"]] == ["export_check"]
     singles = [
         Gate(max_metric_drop=0.5),
         Gate(min_recovery=0.5),
@@ -206,7 +209,7 @@ def test_gate_passes_fails_and_fails_unmeasured() -> None:
     ]
     for single in singles:
         judged = check_gate(single, terrible)
-        checks = [(c["passed"], c["measured"] is not None) for c in judged["checks"]]
+        checks = [(c["passed"], c["measured"] is not None) for c in judged["checks"] if c["name"] != "export_check"]
         assert judged["verdict"] == "fail" and checks == [(False, True)], single  # failed on its value
 
 

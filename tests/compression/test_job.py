@@ -18,7 +18,7 @@ from compression.pipeline.preflight import preflight
 from compression.zoo.fmnist_resnet import export_fmnist_onnx, load_fashion_mnist
 
 warnings.filterwarnings("ignore")
-STAGE_ORDER = ["load", "compress", "evaluate", "export", "benchmark"]
+STAGE_ORDER = ["load", "compress", "export", "evaluate", "benchmark"]
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +74,14 @@ def test_run_job_end_to_end(inputs: dict[str, Path], tmp_path: Path) -> None:
     assert statuses["layer1.conv1"] == "quantized" and statuses["fc"] == "float"
     assert report["data"]["used_for"] == {"method": "calibration", "fidelity": "evaluation"}
     assert {"1", "32"} <= set(report["latency"]["original"]["batches"])
-    assert [c["name"] for c in report["gate"]["checks"]] == ["max_metric_drop", "max_size_bytes"]
-    assert report["gate"]["checks"][1]["passed"]
+    assert [c["name"] for c in report["gate"]["checks"]] == ["max_metric_drop", "max_size_bytes", "export_check"]
+    assert report["gate"]["checks"][1]["passed"] and report["gate"]["checks"][2]["passed"]
+    # the metric is the shipped ONNX's in ONNX Runtime; the PyTorch fake-quant model only cross-checks it
+    fidelity = report["fidelity"]
+    assert fidelity["measured_on"] == "onnx" and fidelity["cross_check"]["measured_on"] == "torch"
+    assert abs(fidelity["cross_check"]["onnx_minus_torch"]["metric_compressed"]) <= 2 / fidelity["samples"]
+    assert report["export_check"]["artifacts"]["safetensors"]["passed"]
+    assert report["export_check"]["artifacts"]["safetensors"]["compared_to"] == "onnx"
     manifest = json.loads(output.artifacts["manifest"].read_text())
     assert manifest["config"]["bits"] == 4 and manifest["inputs"]["model"].startswith("sha256:")
 

@@ -60,9 +60,10 @@ def test_min_speedup_gate_judges_the_interval_lower_bound() -> None:
     check = check_gate(gate, {"latency": latency})["checks"][0]
     assert check["passed"] is False and check["measured"] == 0.9 and check["point"] == 1.41
     assert check["ci95"] == [0.9, 2.1]
-    sure = check_gate(gate, {"latency": {"speedup": 1.5, "speedup_ci95": [1.3, 1.7]}})
+    exported = {"export_check": {"passed": True, "worst_rel_error": 1e-6, "tolerance": 0.02}}
+    sure = check_gate(gate, {"latency": {"speedup": 1.5, "speedup_ci95": [1.3, 1.7]}, **exported})
     assert sure["verdict"] == "pass"
-    assert check_gate(gate, {"latency": {"speedup": 1.5}})["verdict"] == "fail"  # no interval: not proven
+    assert check_gate(gate, {"latency": {"speedup": 1.5}, **exported})["verdict"] == "fail"  # no interval: not proven
 
 
 def test_w4_conv_job_reports_an_interval_holding_one_and_the_threads(tmp_path: Path) -> None:

@@ -123,6 +123,10 @@ def test_hugging_face_encoder_through_the_service(service_env, make_api, workers
     assert metric["original"] > 0.6 and metric["compressed"] > metric["original"] - 0.1
     assert report["compressed"]["size_bytes"] < 0.7 * report["original"]["size_bytes"]
     assert report["export_check"]["passed"] is True
+    # Spearman of the exported encoder in ONNX Runtime; the HF directory and packed file match that ONNX
+    assert report["fidelity"]["measured_on"] == "onnx"
+    assert report["export_check"]["artifacts"]["hf_dir"]["passed"] is True
+    assert report["export_check"]["artifacts"]["safetensors"]["passed"] is True
 
 
 def test_data_free_job_with_no_calibration_data(service_env, make_api, workers, tmp_path) -> None:  # type: ignore[no-untyped-def]
