@@ -72,7 +72,13 @@ def _export_node_name(sender: object = None, **_: object) -> None:
     device = _detected["device"] = probe_device()
     if getattr(sender, "max_tasks_per_child", None) is None and sender is not None:
         sender.max_tasks_per_child = max_tasks_per_child(device)  # type: ignore[attr-defined]
-    log.info("worker device %s; jobs per pool process: %s", device, getattr(sender, "max_tasks_per_child", None))
+    _detected["jobs_per_process"] = str(getattr(sender, "max_tasks_per_child", None))
+
+
+@worker_ready.connect
+def _log_device(**_: object) -> None:
+    """Logged once the worker's logging is set up (it is not yet at `worker_init`)."""
+    log.info("worker device %s; jobs per pool process: %s", _detected.get("device"), _detected.get("jobs_per_process"))
 
 
 @worker_process_init.connect
