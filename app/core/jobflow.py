@@ -241,11 +241,14 @@ def dispatch(*, session: Session, job: Job) -> None:
     session.refresh(job)
 
 
-def job_out(*, session: Session, job: Job) -> JobOut:
+def job_out(*, session: Session, job: Job, model_filename: str | None = None) -> JobOut:
+    """The API's view of a job; `model_filename` when the caller read it with the job (status polling)."""
     artifacts = [ArtifactOut.model_validate(a) for a in crud.job_artifacts(session=session, job_id=job.id)]
     error = JobError(code=job.error_code, message=job.error_message) if job.error_code else None
     summary = job_summary(job.report) if job.report else None
-    model = session.get(Model, job.model_id)
+    if model_filename is None:
+        model = session.get(Model, job.model_id)
+        model_filename = model.filename if model else None
     return JobOut(
         id=job.id,
         status=job.status,
@@ -254,7 +257,7 @@ def job_out(*, session: Session, job: Job) -> JobOut:
         message=job.message,
         method=job.method,
         model_id=job.model_id,
-        model_filename=model.filename if model else None,
+        model_filename=model_filename,
         calibration_id=job.calibration_id,
         evaluation_id=job.evaluation_id,
         config=job.config,

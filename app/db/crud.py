@@ -34,7 +34,10 @@ def create_api_key(*, session: Session, project: Project) -> str:
 _VALID_KEY = (ApiKey.key_hash == bindparam("key_hash")) & ApiKey.revoked_at.is_(None)
 _PROJECT_FOR_KEY = select(Project).join(ApiKey, ApiKey.project_id == Project.id).where(_VALID_KEY)
 _JOB_FOR_KEY = (
-    select(Job).join(ApiKey, ApiKey.project_id == Job.project_id).where(Job.id == bindparam("job_id"), _VALID_KEY)
+    select(Job, Model.filename)
+    .join(ApiKey, ApiKey.project_id == Job.project_id)
+    .join(Model, Model.id == Job.model_id)
+    .where(Job.id == bindparam("job_id"), _VALID_KEY)
 )
 _JOB_ARTIFACTS = select(Artifact).where(Artifact.job_id == bindparam("job_id")).order_by(Artifact.kind)
 
@@ -44,9 +47,11 @@ def project_for_key_hash(*, session: Session, key_hash: str) -> Project | None:
     return session.scalar(_PROJECT_FOR_KEY, {"key_hash": key_hash})
 
 
-def job_for_key_hash(*, session: Session, key_hash: str, job_id: str) -> Job | None:
-    """The job, if the unrevoked key with this hash belongs to its project: key check and read in one query."""
-    return session.scalar(_JOB_FOR_KEY, {"key_hash": key_hash, "job_id": job_id})
+def job_for_key_hash(*, session: Session, key_hash: str, job_id: str) -> tuple[Job, str] | None:
+    """(the job, its model's file name), if the unrevoked key with this hash belongs to its project: key
+    check and read in one query."""
+    row = session.execute(_JOB_FOR_KEY, {"key_hash": key_hash, "job_id": job_id}).first()
+    return (row[0], row[1]) if row is not None else None
 
 
 def get_owned(*, session: Session, cls: type, project_id: str, ident: str) -> Any:

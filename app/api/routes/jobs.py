@@ -107,11 +107,12 @@ class JobSnapshot(NamedTuple):
 def _read_job(key_hash: str, job_id: str) -> JobSnapshot:
     """Key check and job read in one session and one thread hop: status polling is the hottest call."""
     with get_sessionmaker()() as session:
-        job = crud.job_for_key_hash(session=session, key_hash=key_hash, job_id=job_id)
-        if job is None:
+        found = crud.job_for_key_hash(session=session, key_hash=key_hash, job_id=job_id)
+        if found is None:
             authenticate(session=session, key_hash=key_hash)  # 401 for a bad key; else the job is not its project's
             raise not_found("job", job_id)
-        body = jobflow.job_out(session=session, job=job).model_dump_json().encode()
+        job, model_filename = found
+        body = jobflow.job_out(session=session, job=job, model_filename=model_filename).model_dump_json().encode()
     return JobSnapshot(job.status, etag_of(body), body)
 
 
