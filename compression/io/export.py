@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from compression.io.errors import ExportError
-from compression.io.model import LoadedModel
+from compression.io.loaded import LoadedModel
 from compression.io.onnx_graph import WeightLayer, find_weight_layers
 from compression.io.onnx_rewrite import (
     MATMUL_NBITS_BITS,
