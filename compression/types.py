@@ -57,13 +57,10 @@ class QuantizedLayer:
     orig_shape: tuple[int, ...]
 
     def dequantize(self) -> torch.Tensor:
-        cols = self.codes.shape[1]
-        group = self.group_size or cols
-        reps = torch.full((self.scales.shape[1],), group, dtype=torch.long)
-        reps[-1] = cols - group * (self.scales.shape[1] - 1)
-        scales = torch.repeat_interleave(self.scales.float(), reps, dim=1)
-        zeros = torch.repeat_interleave(self.zeros.float(), reps, dim=1)
-        return (self.codes.float() * scales + zeros).reshape(self.orig_shape)
+        """codes·S + Z in float32, in the float weight's shape (`compression.primitives.quant.dequantize`)."""
+        from compression.primitives.quant import dequantize  # the arithmetic lives with the quantizers
+
+        return dequantize(self.codes, self.scales, self.zeros, self.group_size).reshape(self.orig_shape)
 
 
 @dataclass

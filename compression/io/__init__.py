@@ -3,7 +3,8 @@
 from compression.io.data import load_batches
 from compression.io.errors import CompressionIOError, DatasetError, ExportError, ModelLoadError
 from compression.io.export import ExportOptions, export_artifacts, verify_onnx
-from compression.io.model import InputSpec, LoadedModel, load_model
+from compression.io.loaded import InputSpec, LoadedModel
+from compression.io.model import load_model
 
 __all__ = [
     "CompressionIOError",

@@ -17,7 +17,7 @@ import torch
 
 from compression.archives import ArchiveLimits, ArchiveRefused, npz_headers
 from compression.io.errors import DatasetError
-from compression.io.model import InputSpec, LoadedModel
+from compression.io.loaded import InputSpec, LoadedModel
 from compression.types import Batches
 
 _KIND = {"f": "float", "i": "int", "u": "int", "b": "bool"}

@@ -26,7 +26,7 @@ from torch import nn
 
 from compression.io.artifact_checks import EXPORT_TOLERANCE, onnx_outputs, output_agreement, torch_outputs
 from compression.io.errors import ExportError
-from compression.io.model import LoadedModel
+from compression.io.loaded import LoadedModel
 from compression.io.onnx_graph import WeightLayer
 from compression.io.onnx_rewrite import (
     MATMUL_NBITS_BITS,

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from compression.io.errors import ModelLoadError
-from compression.io.model import InputSpec, LoadedModel, Task, describe_module, refuse_pickles_only
+from compression.io.loaded import InputSpec, LoadedModel, Task, describe_module, refuse_pickles_only
 
 
 class CausalLMLogits(nn.Module):

@@ -7,25 +7,23 @@ dynamo exporter), so every non-HF model is compressed, evaluated and exported th
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
 
 import onnx
 import torch
-from torch import nn
 
 from compression.archives import ArchiveLimits
-from compression.io.detect import PICKLE_MESSAGE, detect_format, find_file_dir, safe_extract
+from compression.formats import ModelKind
+from compression.io.detect import detect_format, find_file_dir, safe_extract
 from compression.io.errors import ModelLoadError
+from compression.io.hf import load_hf_dir
+from compression.io.loaded import Format, InputSpec, LoadedModel, Task, describe_module
 from compression.io.onnx_checks import default_opset
 from compression.io.onnx_graph import fold_initializer_identities
 from compression.io.onnx_torch import OnnxModule
 from compression.io.pt2_safety import sanitize_pt2
-from compression.primitives.layers import find_layers
 
-Format = Literal["onnx", "torch_export", "hf_dir"]
-Task = Literal["classifier", "encoder", "causal_lm", "generic"]
 ONNX_DTYPE_NAMES = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float16",
@@ -36,43 +34,6 @@ ONNX_DTYPE_NAMES = {
     onnx.TensorProto.UINT8: "uint8",
     onnx.TensorProto.BOOL: "bool",
 }
-
-
-@dataclass(frozen=True)
-class InputSpec:
-    """One model input: `shape` entries are None where the dimension is dynamic."""
-
-    name: str
-    shape: tuple[int | None, ...]
-    dtype: str
-
-
-@dataclass
-class LoadedModel:
-    """A loaded model: `module(**inputs)` returns one tensor (logits, or embeddings for encoders), or, for
-    an ONNX graph with several outputs, a tuple of all of them (`compression.types.primary_output` is the first)."""
-
-    format: Format
-    module: nn.Module
-    input_specs: list[InputSpec]
-    task: Task
-    tokenizer: Any | None = None
-    source_onnx: Path | None = None
-    info: dict[str, Any] = field(default_factory=dict)
-
-
-def quantizable_layer_names(module: nn.Module) -> list[str]:
-    """The layers a weight quantizer works on (`compression.primitives.layers.find_layers`)."""
-    return list(find_layers(module))
-
-
-def describe_module(module: nn.Module, architecture: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "architecture": architecture,
-        "params": sum(p.numel() for p in module.parameters()),
-        "quantizable_layers": quantizable_layer_names(module),
-        **extra,
-    }
 
 
 def _onnx_input_specs(model: onnx.ModelProto) -> list[InputSpec]:
@@ -145,29 +106,38 @@ def load_model(path: Path, *, work_dir: Path | None = None, limits: ArchiveLimit
     path = Path(path)
     work_dir = Path(work_dir) if work_dir is not None else Path(tempfile.mkdtemp(prefix="modelpress-load-"))
     work_dir.mkdir(parents=True, exist_ok=True)
-    kind = detect_format(path, limits)
-    if kind == "onnx":
-        return load_onnx(path, work_dir)
-    if kind == "onnx_zip":
-        root = safe_extract(path, work_dir / "onnx", limits)
-        onnx_files = sorted(root.rglob("*.onnx"), key=lambda p: len(p.parts))
-        return load_onnx(onnx_files[0], work_dir)
-    if kind == "torch_export":
-        loaded = load_onnx(_export_program_to_onnx(path, work_dir), work_dir, model_format="torch_export")
-        loaded.info["converted_via"] = "torch.export.load -> torch.onnx.export(dynamo, optimize: BatchNorm folded)"
-        return loaded
-    root = path if kind == "hf_dir" else safe_extract(path, work_dir / "hf", limits)
+    return LOADERS[detect_format(path, limits)](path, work_dir, limits)
+
+
+def _load_onnx_file(path: Path, work_dir: Path, limits: ArchiveLimits | None) -> LoadedModel:
+    return load_onnx(path, work_dir)
+
+
+def _load_onnx_zip(path: Path, work_dir: Path, limits: ArchiveLimits | None) -> LoadedModel:
+    root = safe_extract(path, work_dir / "onnx", limits)
+    onnx_files = sorted(root.rglob("*.onnx"), key=lambda p: len(p.parts))
+    return load_onnx(onnx_files[0], work_dir)
+
+
+def _load_pt2(path: Path, work_dir: Path, limits: ArchiveLimits | None) -> LoadedModel:
+    loaded = load_onnx(_export_program_to_onnx(path, work_dir), work_dir, model_format="torch_export")
+    loaded.info["converted_via"] = "torch.export.load -> torch.onnx.export(dynamo, optimize: BatchNorm folded)"
+    return loaded
+
+
+def _load_hf(path: Path, work_dir: Path, limits: ArchiveLimits | None) -> LoadedModel:
+    root = path if path.is_dir() else safe_extract(path, work_dir / "hf", limits)
     model_dir = find_file_dir(root, "config.json")
     if model_dir is None:
         raise ModelLoadError("invalid_model", "no config.json found in the Hugging Face archive")
-    from compression.io.hf import load_hf_dir
-
     return load_hf_dir(model_dir)
 
 
-def refuse_pickles_only(model_dir: Path) -> None:
-    """A HF dir with weights only as .bin / .pt pickles is refused (we read safetensors only)."""
-    if not list(model_dir.glob("*.safetensors")):
-        if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
-            raise ModelLoadError("pickle_refused", PICKLE_MESSAGE)
-        raise ModelLoadError("invalid_model", "the Hugging Face directory holds no *.safetensors weights")
+Loader = Callable[[Path, Path, ArchiveLimits | None], LoadedModel]
+LOADERS: dict[ModelKind, Loader] = {
+    "onnx": _load_onnx_file,
+    "onnx_zip": _load_onnx_zip,
+    "torch_export": _load_pt2,
+    "hf_dir": _load_hf,
+    "hf_archive": _load_hf,
+}

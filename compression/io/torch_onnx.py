@@ -27,7 +27,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from compression.io.errors import ExportError
-from compression.io.model import InputSpec
+from compression.io.loaded import InputSpec
 from compression.io.onnx_graph import WeightLayer, find_weight_layers, untie_weight
 from compression.primitives.layers import get_weight_matrix
 from compression.types import primary_output

@@ -32,7 +32,7 @@ from torch import nn
 
 from compression.configs import Int8Config
 from compression.io.export import base_graph
-from compression.io.model import LoadedModel
+from compression.io.loaded import LoadedModel
 from compression.io.ort_module import OrtGraphModule
 from compression.io.torch_onnx import match_layers_by_value
 from compression.types import Batches, CompressionResult, ProgressFn, QuantizedLayer, no_progress
@@ -89,7 +89,7 @@ def float_graph(loaded: LoadedModel, example: dict[str, torch.Tensor], work: Pat
 
 def module_float_graph(model: nn.Module, example: dict[str, torch.Tensor], work: Path) -> FloatGraph:
     """`float_graph` for a plain module (the library call, no `LoadedModel`)."""
-    from compression.io.model import describe_module
+    from compression.io.loaded import describe_module
 
     loaded = LoadedModel("torch_export", model, [], "generic", info=describe_module(model, type(model).__name__))
     return float_graph(loaded, example, work)

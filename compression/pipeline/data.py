@@ -17,7 +17,7 @@ import torch
 
 from compression.configs import MethodConfigBase
 from compression.io import LoadedModel, load_batches
-from compression.io.model import InputSpec
+from compression.io.loaded import InputSpec
 from compression.pipeline.context import JobError, JobSpec
 from compression.types import Batches
 

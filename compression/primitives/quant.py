@@ -81,7 +81,7 @@ def quantize(
 
 
 def dequantize(codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int | None) -> torch.Tensor:
-    """codes·S + Z as float32 `[out, cols]` (the same arithmetic as `QuantizedLayer.dequantize`)."""
+    """codes·S + Z as float32 `[out, cols]`: the one dequantization (`QuantizedLayer.dequantize` calls it)."""
     cols = codes.shape[1]
     return codes.float() * expand_groups(scales.float(), cols, group_size) + expand_groups(
         zeros.float(), cols, group_size

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from compression.configs import RTNConfig
-from compression.io.model import LoadedModel
+from compression.io.loaded import LoadedModel
 from compression.job import JobError, JobSpec, run_job
 from compression.pipeline.data import latency_batches, rows_per_forward
 from compression.pipeline.preflight import preflight

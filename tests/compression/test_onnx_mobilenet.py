@@ -20,7 +20,7 @@ from torch import nn
 
 from compression.configs import DataFreeConfig, PruneStructuredConfig
 from compression.io import export_artifacts, load_model, verify_onnx
-from compression.io.model import LoadedModel
+from compression.io.loaded import LoadedModel
 from compression.methods import data_free, prune_structured
 from compression.types import Batches
 

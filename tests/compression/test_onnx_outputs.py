@@ -14,7 +14,7 @@ from torch import nn
 from compression.configs import RTNConfig
 from compression.evaluate.fidelity import compare_outputs
 from compression.io import export_artifacts, load_model, verify_onnx
-from compression.io.model import LoadedModel
+from compression.io.loaded import LoadedModel
 from compression.methods.quant_rtn import compress as rtn
 from compression.types import Batches
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from compression.errors import CompressionError
 from compression.io import export_artifacts, load_model, verify_onnx
-from compression.io.model import LoadedModel
+from compression.io.loaded import LoadedModel
 from compression.registry import get_method, parse_config
 from compression.types import Batches
 from tests.compression.test_onnx_mobilenet import TinyMobileNetV2

@@ -17,7 +17,7 @@ from compression.configs import RTNConfig
 from compression.evaluate import estimate_flops
 from compression.io.detect import detect_format
 from compression.io.errors import ModelLoadError
-from compression.io.model import quantizable_layer_names
+from compression.io.loaded import quantizable_layer_names
 from compression.methods.mixed_precision_costs import layer_macs
 from compression.methods.quant_rtn import compress as quant_rtn
 from compression.primitives.layers import find_layers
