@@ -102,7 +102,10 @@ def prepare(graph: FloatGraph, work: Path, notes: list[str]) -> FloatGraph:
     target = work / "prepared.onnx"
     for skip_symbolic in (False, True):
         try:
-            quant_pre_process(str(graph.path), str(target), skip_symbolic_shape=skip_symbolic)
+            # its symbolic shape inference dumps a model (and external data) into the working directory when
+            # it gives up: keep that in the job's folder, not the user's
+            with contextlib.chdir(work):
+                quant_pre_process(str(graph.path.resolve()), str(target.resolve()), skip_symbolic_shape=skip_symbolic)
             return FloatGraph(target, graph.modules)
         except Exception as error:  # the toolkit's shape inference does not know every graph
             failure = f"{type(error).__name__}: {error}"

@@ -200,7 +200,10 @@ def _sentences(path: Path, count: int, seed: int) -> Path:
 
 
 @pytest.mark.slow
-def test_transformer_encoder_job_runs_integer_matmuls(tmp_path: Path) -> None:
+def test_transformer_encoder_job_runs_integer_matmuls(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cwd = tmp_path / "cwd"  # ONNX Runtime's shape inference dumps files into the working directory on failure
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
     files = {
         "model": _tiny_bert(tmp_path / "bert"),
         "calib": _sentences(tmp_path / "calib.txt", 96, 0),
@@ -211,6 +214,7 @@ def test_transformer_encoder_job_runs_integer_matmuls(tmp_path: Path) -> None:
     assert set(output.artifacts) == {"onnx", "safetensors", "manifest"}  # the QDQ graph, no float HF copy
     assert {"QLinearMatMul"} & optimized_ops(output.artifacts["onnx"], tmp_path)
     assert report["fidelity"]["samples"] == 64  # every batch ran, whatever its padded length
+    assert not list(cwd.iterdir()), "the job wrote into the working directory"
     assert report["fidelity"]["metric"]["name"] == "mean_cosine" and report["fidelity"]["mean_cosine"] >= 0.98
     quantized = [row for row in report["layers"] if row["status"] == "quantized"]
     assert len(quantized) == 12 and all(row["bits"] == 8 for row in quantized)  # 6 Linear layers x 2 blocks
