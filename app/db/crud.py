@@ -7,7 +7,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, func, select, update
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from app.core.security import generate_api_key
 from app.core.settings import get_settings
@@ -38,6 +38,7 @@ _JOB_FOR_KEY = (
     .join(ApiKey, ApiKey.project_id == Job.project_id)
     .join(Model, Model.id == Job.model_id)
     .where(Job.id == bindparam("job_id"), _VALID_KEY)
+    .options(defer(Job.report))  # loaded only when the body is rebuilt (status polling serves a cached one)
 )
 _JOB_ARTIFACTS = select(Artifact).where(Artifact.job_id == bindparam("job_id")).order_by(Artifact.kind)
 

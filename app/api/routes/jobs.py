@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import threading
 import time
+from collections import OrderedDict
+from datetime import datetime
 from typing import Annotated, Any, NamedTuple
 
 from fastapi import APIRouter, Header, Query, Response
@@ -104,6 +107,31 @@ class JobSnapshot(NamedTuple):
     body: bytes
 
 
+class _Snapshots:
+    """The last bodies served, by (job id, updated_at): every change to a job row moves its updated_at, so an
+    unchanged job is answered without loading its report or rebuilding its body."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size, self.lock = size, threading.Lock()
+        self.items: OrderedDict[tuple[str, datetime], JobSnapshot] = OrderedDict()
+
+    def get(self, key: tuple[str, datetime]) -> JobSnapshot | None:
+        with self.lock:
+            found = self.items.get(key)
+            if found is not None:
+                self.items.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[str, datetime], snapshot: JobSnapshot) -> None:
+        with self.lock:
+            self.items[key] = snapshot
+            while len(self.items) > self.size:
+                self.items.popitem(last=False)
+
+
+_snapshots = _Snapshots()
+
+
 def _read_job(key_hash: str, job_id: str) -> JobSnapshot:
     """Key check and job read in one session and one thread hop: status polling is the hottest call."""
     with get_sessionmaker()() as session:
@@ -112,8 +140,13 @@ def _read_job(key_hash: str, job_id: str) -> JobSnapshot:
             authenticate(session=session, key_hash=key_hash)  # 401 for a bad key; else the job is not its project's
             raise not_found("job", job_id)
         job, model_filename = found
-        body = jobflow.job_out(session=session, job=job, model_filename=model_filename).model_dump_json().encode()
-    return JobSnapshot(job.status, etag_of(body), body)
+        key = (job.id, job.updated_at)
+        snapshot = _snapshots.get(key)
+        if snapshot is None:
+            body = jobflow.job_out(session=session, job=job, model_filename=model_filename).model_dump_json().encode()
+            snapshot = JobSnapshot(job.status, etag_of(body), body)
+            _snapshots.put(key, snapshot)
+    return snapshot
 
 
 def etag_of(body: bytes) -> str:
