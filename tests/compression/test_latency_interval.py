@@ -11,7 +11,8 @@ from torch import nn
 
 from compression.configs import Gate
 from compression.evaluate import check_gate
-from compression.evaluate.latency import bootstrap_ratio_ci, busy_note, paired_latency
+from compression.evaluate.latency import bootstrap_ratio_ci, busy_note, make_session, paired_latency
+from tests.helpers.files import tiny_onnx
 
 
 def _tiny_onnx(path: Path) -> Path:
@@ -90,3 +91,10 @@ def test_w4_conv_job_reports_an_interval_holding_one_and_the_threads(tmp_path: P
     assert check["measured"] == latency["speedup_ci95"][0] and check["point"] == latency["speedup"]
     assert set(latency["load"]) == {"cores", "load_1m_start", "load_1m_end", "busy"}
     assert latency["load"]["busy"] == bool(latency["notes"])
+
+
+def test_timed_sessions_do_not_spin(tmp_path: Path) -> None:
+    """Two sessions alternate in one process: a spinning pool thread of one would take a core from the other."""
+    options = make_session(tiny_onnx(tmp_path / "m.onnx"), threads=2).get_session_options()
+    assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert options.intra_op_num_threads == 2 and options.inter_op_num_threads == 1
