@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 import warnings
@@ -30,12 +31,15 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from compression.configs import Int8Config
-from compression.evaluate.latency import paired_latency
-from compression.io import load_model
-from compression.methods.quant_int8 import FloatGraph, float_graph, prepare, quantize_graph
-from compression.types import Batches
-from compression.zoo.fmnist_resnet import export_fmnist_onnx, load_fashion_mnist
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `benchmarks.quantization` (the MiniLM sentences) from a plain script run
+
+from compression.configs import Int8Config  # noqa: E402
+from compression.evaluate.latency import paired_latency  # noqa: E402
+from compression.io import load_model  # noqa: E402
+from compression.methods.quant_int8 import FloatGraph, float_graph, prepare, quantize_graph  # noqa: E402
+from compression.types import Batches  # noqa: E402
+from compression.zoo.fmnist_resnet import export_fmnist_onnx, load_fashion_mnist  # noqa: E402
 
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).resolve().parent / "results" / "int8.json"
