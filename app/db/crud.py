@@ -55,6 +55,12 @@ def job_for_key_hash(*, session: Session, key_hash: str, job_id: str) -> tuple[J
     return (row[0], row[1]) if row is not None else None
 
 
+def model_filenames(*, session: Session, model_ids: set[str]) -> dict[str, str]:
+    """Model id -> uploaded file name, for a page of jobs in one query."""
+    rows = session.execute(select(Model.id, Model.filename).where(Model.id.in_(model_ids))).all() if model_ids else []
+    return {model_id: filename for model_id, filename in rows}
+
+
 def get_owned(*, session: Session, cls: type, project_id: str, ident: str) -> Any:
     """The object of `cls` with this id in this project, else None (another project's id looks absent)."""
     obj = session.get(cls, ident)

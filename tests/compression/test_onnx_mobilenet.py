@@ -62,17 +62,18 @@ class TinyMobileNetV2(nn.Module):
 
 
 @pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
+def one_thread() -> Iterator[None]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
 
 
-def _random_model() -> TinyMobileNetV2:
+def randomized(model_class: type[nn.Module]) -> nn.Module:
+    """A seeded instance with non-trivial BatchNorm, so pruning criteria and compensation have work to do."""
     torch.manual_seed(0)
-    model = TinyMobileNetV2()
-    with torch.no_grad():  # non-trivial BatchNorm so pruning criteria and compensation have work to do
+    model = model_class()
+    with torch.no_grad():
         for module in model.modules():
             if isinstance(module, nn.BatchNorm2d):
                 module.weight.uniform_(0.3, 1.5)
@@ -80,6 +81,10 @@ def _random_model() -> TinyMobileNetV2:
                 module.running_mean.uniform_(-0.1, 0.1)
                 module.running_var.uniform_(0.5, 2.0)
     return model.eval()
+
+
+def _random_model() -> nn.Module:
+    return randomized(TinyMobileNetV2)
 
 
 @pytest.fixture(scope="module")
@@ -94,33 +99,33 @@ def mobilenet(tmp_path_factory: pytest.TempPathFactory) -> LoadedModel:
     return load_model(path, work_dir=folder / "work")
 
 
-def _images(count: int = 8, seed: int = 1) -> torch.Tensor:
+def random_images(count: int = 8, seed: int = 1) -> torch.Tensor:
     return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
-def _ort(path: Path, images: torch.Tensor) -> np.ndarray:
+def run_ort(path: Path, batch: torch.Tensor) -> np.ndarray:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"input": images.numpy()})[0]
+    return session.run(None, {"input": batch.numpy()})[0]
 
 
 def test_imported_mobilenet_matches_onnxruntime(mobilenet: LoadedModel) -> None:
-    images = _images()
+    images = random_images()
     with torch.no_grad():
         got = mobilenet.module(input=images).numpy()
-    want = _ort(mobilenet.source_onnx, images)
+    want = run_ort(mobilenet.source_onnx, images)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
     depthwise = [m for m in mobilenet.module.modules() if isinstance(m, nn.Conv2d) and m.groups > 1]
     assert len(depthwise) == 3
 
 
 def _export_and_check(result, mobilenet: LoadedModel, folder: Path) -> None:
-    images = _images(seed=2)
+    images = random_images(seed=2)
     paths = export_artifacts(result, mobilenet, folder, example={"input": images[:2]}, manifest={})
     check = verify_onnx(paths["onnx"], result.model, {"input": images})
     assert check["passed"], check
     with torch.no_grad():
         want = result.model(input=images).numpy()
-    np.testing.assert_allclose(_ort(paths["onnx"], images), want, atol=1e-4 * np.abs(want).max())
+    np.testing.assert_allclose(run_ort(paths["onnx"], images), want, atol=1e-4 * np.abs(want).max())
 
 
 def _params(module: nn.Module) -> int:
@@ -128,7 +133,7 @@ def _params(module: nn.Module) -> int:
 
 
 def test_prune_structured_runs_and_exports(mobilenet: LoadedModel, tmp_path: Path) -> None:
-    calib = Batches([{"input": _images(seed=s)} for s in range(3)], None)
+    calib = Batches([{"input": random_images(seed=s)} for s in range(3)], None)
     config = PruneStructuredConfig.model_validate({"recovery": "none", "target": {"metric": "ratio", "reduction": 0.5}})
     result = prune_structured.compress(mobilenet.module, calib, config)
     assert _params(result.model) < 0.8 * _params(mobilenet.module)

@@ -8,12 +8,11 @@ GELU, layer scale) and the MobileNetV2-style model of `test_onnx_mobilenet`.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from torch import nn
@@ -23,7 +22,13 @@ from compression.io import export_artifacts, load_model, verify_onnx
 from compression.io.loaded import LoadedModel
 from compression.registry import get_method, parse_config
 from compression.types import Batches
-from tests.compression.test_onnx_mobilenet import TinyMobileNetV2
+from tests.compression.test_onnx_mobilenet import (  # noqa: F401 - one_thread: the module's autouse fixture
+    TinyMobileNetV2,
+    one_thread,
+    random_images,
+    randomized,
+    run_ort,
+)
 
 
 class SqueezeExcite(nn.Module):
@@ -155,43 +160,14 @@ METHODS: dict[str, dict] = {
 }  # fmt: skip
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def _randomized(name: str) -> nn.Module:
-    torch.manual_seed(0)
-    model = ZOO[name]()
-    with torch.no_grad():  # non-trivial norms so importance criteria and compensation have work to do
-        for module in model.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                module.weight.uniform_(0.3, 1.5)
-                module.bias.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
-def _images(count: int = 8, seed: int = 1) -> torch.Tensor:
-    return torch.randn(count, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def _ort(path: Path, images: torch.Tensor) -> np.ndarray:
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    return session.run(None, {"input": images.numpy()})[0]
-
-
 @pytest.fixture(scope="module", params=sorted(ZOO))
 def zoo_model(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, LoadedModel]:
     name = request.param
     folder = tmp_path_factory.mktemp(name)
     path = folder / f"{name}.onnx"
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}}
-    torch.onnx.export(_randomized(name), (_images(2),), str(path), input_names=["input"], output_names=["logits"],
-                      opset_version=17, dynamo=False, dynamic_axes=axes)  # fmt: skip
+    torch.onnx.export(randomized(ZOO[name]), (random_images(2),), str(path), input_names=["input"],
+                      output_names=["logits"], opset_version=17, dynamo=False, dynamic_axes=axes)  # fmt: skip
     return name, load_model(path, work_dir=folder / "work")
 
 
@@ -199,10 +175,10 @@ def test_importer_matches_onnxruntime(zoo_model: tuple[str, LoadedModel]) -> Non
     name, loaded = zoo_model
     ops = {node.op_type for node in onnx.load(str(loaded.source_onnx)).graph.node}
     assert EXPECTED_OPS[name] <= ops, sorted(ops)
-    images = _images()
+    images = random_images()
     with torch.no_grad():
         got = loaded.module(input=images).numpy()
-    np.testing.assert_allclose(got, _ort(loaded.source_onnx, images), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got, run_ort(loaded.source_onnx, images), rtol=1e-4, atol=1e-5)
 
 
 # Structured pruning of an imported transformer graph is refused, not guessed: attention's head products
@@ -212,7 +188,7 @@ REFUSED = {("vit", "prune_structured"), ("convnext", "prune_structured")}
 
 
 def _calibration() -> Batches:
-    return Batches([{"input": _images(seed=s)} for s in range(2, 4)], None)
+    return Batches([{"input": random_images(seed=s)} for s in range(2, 4)], None)
 
 
 @pytest.mark.parametrize("method", sorted(METHODS))
@@ -227,10 +203,10 @@ def test_every_method_runs_and_exports(zoo_model: tuple[str, LoadedModel], metho
         return
     result = get_method(method)(loaded.module, calib, config)
     assert result.quantized or result.stats, f"{method} changed nothing and said nothing"
-    images = _images(seed=9)
+    images = random_images(seed=9)
     paths = export_artifacts(result, loaded, tmp_path, example={"input": images[:2]}, manifest={})
     check = verify_onnx(paths["onnx"], result.model, {"input": images})
     assert check["passed"], check
     with torch.no_grad():
         want = result.model(input=images).numpy()
-    np.testing.assert_allclose(_ort(paths["onnx"], images), want, atol=1e-3 * np.abs(want).max())
+    np.testing.assert_allclose(run_ort(paths["onnx"], images), want, atol=1e-3 * np.abs(want).max())

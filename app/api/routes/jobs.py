@@ -97,7 +97,8 @@ def list_jobs(
         limit=limit,
         offset=offset,
     )
-    items = [jobflow.job_out(session=session, job=job) for job in rows]
+    names = crud.model_filenames(session=session, model_ids={job.model_id for job in rows})
+    items = [jobflow.job_out(session=session, job=job, model_filename=names.get(job.model_id)) for job in rows]
     return JobPage(items=items, total=total, limit=limit, offset=offset)
 
 
