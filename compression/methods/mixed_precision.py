@@ -32,11 +32,8 @@ from torch import nn
 
 from compression.configs import MixedPrecisionConfig, RTNConfig
 from compression.errors import CompressionError
-from compression.methods.mixed_precision_analysis import (
-    _Analysis,
-    analyse,
-    sensitivity_split,
-)
+from compression.methods.mixed_precision_analysis import _Analysis, analyse
+from compression.methods.mixed_precision_calibration import FloatPass, float_pass
 from compression.methods.mixed_precision_candidates import CandidateWeights, quantize_at
 from compression.methods.mixed_precision_costs import (
     FLOAT_BITS,
@@ -44,14 +41,12 @@ from compression.methods.mixed_precision_costs import (
     allocation_problem,
     average_bits,
     latency_matrix,
-    layer_macs,
     predicted,
 )
 from compression.methods.mixed_precision_report import explain_layers, measured
 from compression.primitives.allocation import Allocation, solve_allocation
 from compression.primitives.layers import get_weight_matrix
-from compression.primitives.sensitivity import DEFAULT_CACHE, SensitivityCache, run_outputs
-from compression.primitives.sequential import batches_on
+from compression.primitives.sensitivity import DEFAULT_CACHE, SensitivityCache, digest_batches
 from compression.primitives.weight_quant import check_finite_weights, plan_layers
 from compression.types import Batches, CompressionResult, ProgressFn, QuantizedLayer, no_progress
 
@@ -63,7 +58,7 @@ class _Setup:
     """The float model and everything measured on it once, shared by every budget of the sweep."""
 
     work: nn.Module
-    calib: Batches
+    calib: Batches  # the calibration batches on the model's device, as the calibration pass ran them
     layers: dict[str, nn.Module]
     skipped: dict[str, str]
     costs: LayerCosts
@@ -71,6 +66,8 @@ class _Setup:
     task_metric: str
     measure: Batches  # the samples the sensitivity pass runs on
     holdout: bool  # candidates fitted on calibration samples outside `measure`
+    float_pass: FloatPass  # what the one calibration pass of the float model recorded
+    data_digest: str  # of the calibration data as given (the sensitivity cache key)
 
 
 def resolve_task_metric(config: MixedPrecisionConfig, calib: Batches) -> str:
@@ -81,19 +78,15 @@ def resolve_task_metric(config: MixedPrecisionConfig, calib: Batches) -> str:
     return config.task_metric
 
 
-def _on_device(calib: Batches, device: torch.device) -> Batches:
-    labels = None if calib.labels is None else [label.to(device) for label in calib.labels]
-    return Batches(batches_on(calib, device), labels)
-
-
 def setup(model: nn.Module, calib: Batches, config: MixedPrecisionConfig) -> _Setup:
-    """Deep-copy, pick the layers (the uniform quantizers' plan), count MACs, drop layers never called."""
+    """Deep-copy, pick the layers (the uniform quantizers' plan), run the one calibration pass, count MACs,
+    drop layers never called."""
     work = copy.deepcopy(model).eval()
-    calib = _on_device(calib, next(work.parameters()).device)
     plan = plan_layers(work, RTNConfig(skip_layers=config.skip_layers, group_size=None))
     check_finite_weights(plan.quantize)
-    macs = layer_macs(work, plan.quantize, calib.inputs[0])
-    for name in [n for n, value in macs.items() if value == 0]:
+    task_metric = resolve_task_metric(config, calib)
+    recorded = float_pass(work, calib, plan.quantize, config)
+    for name in [n for n, value in recorded.macs.items() if value == 0]:
         plan.skipped[name] = "never called on the calibration data; left in float"
         del plan.quantize[name]
     if not plan.quantize:
@@ -101,11 +94,13 @@ def setup(model: nn.Module, calib: Batches, config: MixedPrecisionConfig) -> _Se
     names, candidates = list(plan.quantize), sorted(set(config.candidates))
     params = np.array([get_weight_matrix(plan.quantize[n]).numel() for n in names], dtype=float)
     latency = latency_matrix(names, candidates, config.latency_table) if config.budget_kind == "latency" else None
-    costs = LayerCosts(names, candidates, params, np.array([macs[n] for n in names]), config.activation_bits, latency)
-    fit, measure, holdout = sensitivity_split(calib, config)
-    weights = CandidateWeights(work, plan.quantize, fit, config)
-    task_metric = resolve_task_metric(config, calib)
-    return _Setup(work, calib, plan.quantize, plan.skipped, costs, weights, task_metric, measure, holdout)
+    macs = np.array([recorded.macs[n] for n in names])
+    costs = LayerCosts(names, candidates, params, macs, config.activation_bits, latency)
+    weights = CandidateWeights(plan.quantize, recorded.hessians, config)
+    return _Setup(
+        work, recorded.batches, plan.quantize, plan.skipped, costs, weights, task_metric,
+        recorded.measured_batches(), recorded.holdout, recorded, digest_batches(calib),
+    )  # fmt: skip
 
 
 def solve_point(
@@ -146,12 +141,14 @@ def compress(
     state = setup(model, calib, config)
     report(0.0, f"mixed_precision: {len(state.layers)} layers x {len(state.costs.candidates)} widths")
     analysis = analyse(state, config, cache or DEFAULT_CACHE, lambda f, m: report(0.6 * f, m))
-    reference = run_outputs(state.work, state.calib)
+    reference = state.float_pass.reference
     sweep = sorted({*(config.budgets or []), config.budget_bits})
     points, selected = [], None
     for index, budget in enumerate(sweep):
         allocation, point = solve_point(state, analysis, config, budget)
-        quantized_model, quantized = quantize_at(state.work, allocation.bits, state.weights, state.calib, config)
+        quantized_model, quantized = quantize_at(
+            state.work, allocation.bits, state.weights, state.calib, config, state.float_pass.blocks
+        )
         point["measured"] = measured(reference, quantized_model, state.calib, state.task_metric)
         points.append(point)
         if budget == config.budget_bits:
@@ -220,7 +217,9 @@ def apply_allocation(
     configured quantizer; layers missing from `bits` stay float. The input model is untouched."""
     state = setup(model, calib, config)
     chosen = {name: bits.get(name, FLOAT_BITS) for name in state.costs.names}
-    quantized_model, quantized = quantize_at(state.work, chosen, state.weights, state.calib, config)
+    quantized_model, quantized = quantize_at(
+        state.work, chosen, state.weights, state.calib, config, state.float_pass.blocks
+    )
     skipped = dict(state.skipped)
     skipped.update({n: "allocated float (16 bits) by the bit allocation" for n, b in chosen.items() if b >= FLOAT_BITS})
     stats = {"allocation": chosen, "avg_bits": average_bits(state.costs, chosen), "quantizer": config.quantizer}

@@ -21,14 +21,11 @@ from compression.primitives.sensitivity import (
     Table,
     combine_sensitivity,
     count_samples,
-    digest_batches,
     digest_model,
     measure_sensitivity,
-    split_samples,
     unit_key,
 )
-from compression.primitives.sequential import discover_stages, whole_model_inputs
-from compression.types import Batches, ProgressFn
+from compression.types import ProgressFn
 
 if TYPE_CHECKING:
     from compression.methods.mixed_precision import _Setup
@@ -48,12 +45,6 @@ class _Analysis:
     tie_reasons: dict[str, str]
     notes: list[str]
     unit_of: dict[str, str]  # layer -> the table key it was measured under (itself or its tie group)
-
-
-def shared_input_ties(model: nn.Module, layers: dict[str, nn.Module], batch: dict[str, Any]) -> list[list[str]]:
-    """Groups of layers that read the same input tensor (q/k/v, gate/up, a conv and its 1x1 shortcut)."""
-    stages, _ = discover_stages(model, whole_model_inputs([batch]), layers)
-    return [stage for stage in stages if len(stage) > 1]
 
 
 def _producer(node: torch.fx.Node, modules: dict[str, nn.Module], layers: dict[str, nn.Module]) -> str | None:
@@ -110,15 +101,16 @@ def merge_groups(groups: list[list[str]]) -> list[list[str]]:
 
 
 def find_ties(
-    model: nn.Module, layers: dict[str, nn.Module], batch: dict[str, Any], config: MixedPrecisionConfig
+    model: nn.Module, layers: dict[str, nn.Module], stages: list[list[str]], config: MixedPrecisionConfig
 ) -> tuple[list[list[str]], dict[str, str], list[str]]:
-    """(merged tie groups, layer -> why it is tied, notes)."""
+    """(merged tie groups, layer -> why it is tied, notes). `stages`: layers reading the same input tensor
+    (q/k/v, gate/up, a conv and its 1x1 shortcut), as the calibration pass's `capture.Stages` found them."""
     groups: list[list[str]] = []
     why: dict[str, str] = {}
     notes: list[str] = []
     found: dict[str, list[list[str]] | None] = {}
     if "shared_input" in config.auto_ties:
-        found["shared input"] = shared_input_ties(model, layers, batch)
+        found["shared input"] = [[n for n in stage if n in layers] for stage in stages]
     if "residual_add" in config.auto_ties:
         found["residual add"] = residual_add_ties(model, layers)
         if found["residual add"] is None:
@@ -132,18 +124,6 @@ def find_ties(
     return merge_groups([g for g in groups if len(g) > 1]), why, notes
 
 
-def sensitivity_split(calib: Batches, config: MixedPrecisionConfig) -> tuple[Batches, Batches, bool]:
-    """(samples the candidates are fitted on, samples the sensitivity pass measures, held out?). The
-    measured samples are the last `sensitivity_samples`; data-driven quantizers fit on the others when at
-    least as many remain, else on everything (a sensitivity measured on the fitted data is optimistic)."""
-    total = count_samples(calib)
-    count = min(config.sensitivity_samples, total)
-    _, measure = split_samples(calib, total - count)
-    if config.quantizer != "rtn" and config.sensitivity_holdout and total - count >= count:
-        return split_samples(calib, total - count)[0], measure, True
-    return calib, measure, False
-
-
 def sensitivity_pass(
     state: _Setup, config: MixedPrecisionConfig, units: list[list[str]], cache: SensitivityCache, report: ProgressFn
 ) -> tuple[Table, dict[str, Any]]:
@@ -152,7 +132,7 @@ def sensitivity_pass(
     key = cache.key(
         version=1,
         model=digest_model(state.work),
-        data=digest_batches(state.calib),
+        data=state.data_digest,
         samples=config.sensitivity_samples,
         holdout=state.holdout,
         quantizer=config.quantizer,
@@ -161,7 +141,15 @@ def sensitivity_pass(
     )
     known = cache.load(key)
     table, count = measure_sensitivity(
-        state.work, state.layers, state.measure, state.costs.candidates, state.weights.matrix, known, report, units
+        state.work,
+        state.layers,
+        state.measure,
+        state.costs.candidates,
+        state.weights.matrix,
+        known,
+        report,
+        units,
+        state.float_pass.record,
     )
     if count:
         cache.save(key, table)
@@ -192,7 +180,7 @@ def measurement_units(names: list[str], ties: list[list[str]]) -> list[list[str]
 
 
 def analyse(state: _Setup, config: MixedPrecisionConfig, cache: SensitivityCache, report: ProgressFn) -> _Analysis:
-    ties, reasons, notes = find_ties(state.work, state.layers, state.calib.inputs[0], config)
+    ties, reasons, notes = find_ties(state.work, state.layers, state.float_pass.stages, config)
     units = measurement_units(state.costs.names, ties)
     table, stats = sensitivity_pass(state, config, units, cache, report)
     names, candidates = state.costs.names, state.costs.candidates

@@ -1,12 +1,11 @@
 """mixed_precision, candidate weights: every (layer, width) quantized once with the configured quantizer
-(RTN, or GPTQ / decoupleQ's layer-wise stage on float-model Hessians), and a copy of the model with each
-layer at its allocated width."""
+(RTN, or GPTQ / decoupleQ's layer-wise stage on the float-model Hessians of the one calibration pass,
+`mixed_precision_calibration`), and a copy of the model with each layer at its allocated width."""
 
 from __future__ import annotations
 
 import copy
 from types import SimpleNamespace
-from typing import Any
 
 import torch
 from torch import nn
@@ -16,9 +15,9 @@ from compression.methods.mixed_precision_costs import FLOAT_BITS
 from compression.methods.quant_decoupleq import decoupleq_quantize
 from compression.methods.quant_gptq import gptq_quantize
 from compression.methods.quant_rtn import rtn_quantize
-from compression.primitives.hessian import HessianAccumulator
+from compression.primitives.capture import Hessians
 from compression.primitives.layers import get_weight_matrix, set_weight_matrix
-from compression.primitives.sequential import batches_on, quantize_sequentially, whole_model_inputs
+from compression.primitives.sequential import BlockCapture, quantize_sequentially
 from compression.primitives.weight_quant import MatrixQuantizer, quantize_module
 from compression.types import Batches, QuantizedLayer
 
@@ -38,41 +37,16 @@ def matrix_quantizer(config: MixedPrecisionConfig, bits: int) -> MatrixQuantizer
     return quantize
 
 
-@torch.no_grad()
-def float_hessians(model: nn.Module, layers: dict[str, nn.Module], calib: Batches) -> dict[str, torch.Tensor]:
-    """Every layer's Hessian `[groups, d, d]` from forwards of the float model (not sequential)."""
-    accumulators = {name: HessianAccumulator(name) for name in layers}
-    state: dict[str, Any] = {"mask": None}
-    handles = [
-        module.register_forward_pre_hook(lambda m, args, n=name: accumulators[n].add(m, args[0], state["mask"]))
-        for name, module in layers.items()
-    ]
-    inputs = whole_model_inputs(batches_on(calib, next(model.parameters()).device))
-    try:
-        for kwargs, mask in zip(inputs.kwargs, inputs.masks, strict=True):
-            state["mask"] = mask
-            model(**kwargs)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {name: acc.hessian() for name, acc in accumulators.items()}
-
-
 class CandidateWeights:
-    """Each (layer, bits) quantized at most once with the configured quantizer, then reused. Hessians (GPTQ,
-    decoupleQ) come from one float forward over `calib`, computed on first need."""
+    """Each (layer, bits) quantized at most once with the configured quantizer, then reused. GPTQ and
+    decoupleQ use the layer Hessians recorded by the calibration pass (`hessians`; None for RTN)."""
 
-    def __init__(self, model: nn.Module, layers: dict[str, nn.Module], calib: Batches, config: MixedPrecisionConfig):
-        self.model, self.layers, self.calib, self.config = model, layers, calib, config
-        self.hessians: dict[str, torch.Tensor] | None = None
+    def __init__(self, layers: dict[str, nn.Module], hessians: Hessians | None, config: MixedPrecisionConfig):
+        self.layers, self.hessians, self.config = layers, hessians, config
         self.done: dict[tuple[str, int], QuantizedLayer] = {}
 
     def _hessian(self, name: str) -> torch.Tensor | None:
-        if self.config.quantizer == "rtn":
-            return None
-        if self.hessians is None:
-            self.hessians = float_hessians(self.model, self.layers, self.calib)
-        return self.hessians[name]
+        return None if self.config.quantizer == "rtn" or self.hessians is None else self.hessians.hessian(name)
 
     def layer(self, name: str, bits: int) -> QuantizedLayer:
         if (name, bits) not in self.done:
@@ -92,8 +66,11 @@ def quantize_at(
     weights: CandidateWeights,
     calib: Batches,
     config: MixedPrecisionConfig,
+    blocks: BlockCapture,
 ) -> tuple[nn.Module, dict[str, QuantizedLayer]]:
-    """A copy of the float `model` with each layer at its allocated width (16 = left float)."""
+    """A copy of the float `model` with each layer at its allocated width (16 = left float). GPTQ /
+    decoupleQ re-run block by block from `blocks`, the float blocks' inputs recorded on `calib` by the
+    calibration pass; their Hessians are then taken on the quantized earlier blocks (true sequential)."""
     work = copy.deepcopy(model)
     modules = dict(work.named_modules())
     chosen = {name: modules[name] for name, b in bits.items() if b < FLOAT_BITS}
@@ -108,5 +85,5 @@ def quantize_at(
         return quantize_module(name, module, matrix_quantizer(config, bits[name]), hessian, settings)
 
     with torch.no_grad():
-        done, _ = quantize_sequentially(work, calib, chosen, quantize_layer)
+        done, _ = quantize_sequentially(work, calib, chosen, quantize_layer, captured=blocks)
     return work, done

@@ -13,16 +13,18 @@ from torch import nn
 from compression.configs import MixedPrecisionConfig
 from compression.errors import CompressionError
 from compression.primitives.allocation import AllocationProblem, BudgetRow, uniform_equivalent_limit
-from compression.primitives.macs import batch_rows, count_macs
+from compression.primitives.capture import Macs, calibrate
 from compression.primitives.sensitivity import SensitivityScores, Table
 
 FLOAT_BITS = 16
 
 
 def layer_macs(model: nn.Module, layers: dict[str, nn.Module], batch: dict[str, Any]) -> dict[str, float]:
-    """Multiply-accumulates per sample of each layer in one forward of `batch` (0: never called)."""
-    rows = batch_rows(batch)
-    return {name: value / rows for name, value in count_macs(model, batch, layers).items()}
+    """Multiply-accumulates per sample of each layer in one forward of `batch` (0: never called), with the
+    `capture.Macs` recorder mixed precision attaches to its calibration pass."""
+    recorder = Macs(layers)
+    calibrate(model, [batch], [recorder])
+    return recorder.per_sample()
 
 
 @dataclass

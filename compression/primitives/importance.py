@@ -8,7 +8,8 @@ group reduction, so layers of different scale count equally.
   L1 for groups without BatchNorm; "taylor": its first-order |w·∂L/∂w| with gradients of the
   cross-entropy on the calibration labels (without labels: the activation criterion).
 - "activation" (no torch_pruning equivalent): ‖X_c‖₂·‖W[:, c]‖₂ for layers reading the unit (its
-  contribution to the next layer, as in Wanda), mean |y_c| for norm outputs and unread layers.
+  contribution to the next layer, as in Wanda), mean |y_c| for norm outputs and unread layers; the
+  per-channel statistics come from one calibration pass (`capture.calibrate`, `ChannelStats`).
 """
 
 from __future__ import annotations
@@ -21,11 +22,10 @@ import torch_pruning as tp
 from torch import nn
 from torch_pruning.pruner import function as tp_function
 
+from compression.primitives.capture import NORMS, WEIGHTED, ChannelStats, calibrate
 from compression.primitives.depgraph import ChannelGroup
 from compression.types import Batches, primary_output
 
-_NORMS = (nn.modules.batchnorm._BatchNorm, nn.LayerNorm, nn.GroupNorm)
-_WEIGHTED = (nn.Linear, nn.modules.conv._ConvNd)
 _IN_FUNCTIONS = (tp_function.prune_linear_in_channels, tp_function.prune_conv_in_channels)
 _Stats = tuple[torch.Tensor, torch.Tensor]
 
@@ -156,39 +156,17 @@ class ActivationImportance(Criterion, tp.importance.Importance):
                 return None
             column = module.weight.detach().double().pow(2).transpose(0, 1).flatten(1).sum(1).sqrt()
             return (mean_square_in.sqrt() * column)[index]
-        if isinstance(module, _NORMS) or (isinstance(module, _WEIGHTED) and not has_reader):
+        if isinstance(module, NORMS) or (isinstance(module, WEIGHTED) and not has_reader):
             return mean_abs_out[index]
         return None
 
 
-def _channel_last(tensor: torch.Tensor, module: nn.Module) -> torch.Tensor:
-    """[samples, channels] view: channels are dim 1 for conv/BN maps, the last dim otherwise."""
-    channel_first = isinstance(module, (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm, nn.GroupNorm))
-    if channel_first and tensor.dim() > 2:
-        tensor = tensor.movedim(1, -1)
-    return tensor.reshape(-1, tensor.shape[-1]).double()
-
-
-@torch.no_grad()
 def _activation_stats(model: nn.Module, calib: Batches, max_batches: int) -> dict[nn.Module, _Stats]:
     """(mean x_c² of the input, mean |y_c| of the output) per channel of every weighted and norm layer."""
-    sums: dict[nn.Module, list[Any]] = {}
-
-    def hook(module: nn.Module, args: tuple, output: torch.Tensor) -> None:
-        x, y = _channel_last(args[0], module), _channel_last(output, module)
-        total = sums.setdefault(module, [0.0, 0, 0.0, 0])
-        total[0], total[1] = total[0] + x.pow(2).sum(0), total[1] + x.shape[0]
-        total[2], total[3] = total[2] + y.abs().sum(0), total[3] + y.shape[0]
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, _WEIGHTED + _NORMS)]
+    recorder = ChannelStats()
     model.eval()
-    try:
-        for batch in calib.inputs[:max_batches]:
-            model(**batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-    return {module: (t[0] / t[1], t[2] / t[3]) for module, t in sums.items()}
+    calibrate(model, calib.inputs[:max_batches], [recorder])
+    return recorder.stats()
 
 
 def _unit_count(group: Any) -> int:

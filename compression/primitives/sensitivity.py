@@ -8,7 +8,10 @@ top-1 agreement, cosine, and accuracy when labels exist. The metrics are only co
 drop), is normalized by its total over layers at their worst width, and is weighted.
 
 Transformer-style models (a ModuleList of chained blocks) skip recomputing the float blocks before the
-layer being measured: those blocks are replaced by stubs that return recorded float outputs.
+layer being measured: those blocks are replaced by stubs that return recorded float outputs. The float
+reference outputs and those block outputs come from one calibration pass (`capture.calibrate` with
+`Outputs` and `BlockOutputs` recorders): `record_float` runs it, or mixed precision hands over the
+recorders of its own single pass.
 Measurements are cached per (model digest, data digest, quantizer settings) in memory and, optionally,
 as one JSON file per key in a directory.
 """
@@ -21,7 +24,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from compression.evaluate.fidelity import sqnr_db
+from compression.primitives.capture import BlockOutputs, Outputs, Recorder, calibrate
 from compression.primitives.layers import get_weight_matrix, set_weight_matrix
 from compression.primitives.sequential import batches_on, find_blocks
 from compression.types import Batches, ProgressFn, no_progress, primary_output
@@ -41,7 +45,7 @@ Table = dict[str, dict[str, dict[str, float | None]]]
 METRICS = ("sqnr", "kl", "task")
 TASK_METRICS = ("accuracy", "top1_agreement", "cosine")
 CACHE_DIR_ENV = "MODELPRESS_SENSITIVITY_CACHE"
-_REPLAY_BYTES = 512 * 2**20
+REPLAY_BYTES = 512 * 2**20
 
 
 def count_samples(batches: Batches) -> int:
@@ -146,48 +150,45 @@ class _Replay(nn.Module):
         return self.outputs[self.state["batch"]]
 
 
-def _tensor_bytes(value: Any) -> int:
-    if isinstance(value, torch.Tensor):
-        return value.numel() * value.element_size()
-    if isinstance(value, (tuple, list)):
-        return sum(_tensor_bytes(item) for item in value)
-    return 0
+@dataclass
+class FloatRecord:
+    """The float model's outputs per batch and, for a model with repeated blocks, recorded block outputs."""
+
+    reference: list[torch.Tensor]
+    found: tuple[str, nn.ModuleList] | None = None
+    records: dict[int, list[Any]] = field(default_factory=dict)
+
+
+def record_float(model: nn.Module, batches: Batches, replay_bytes: int = REPLAY_BYTES) -> FloatRecord:
+    """One calibration pass of the float model recording the reference outputs and replay checkpoints."""
+    found = find_blocks(model)
+    outputs = Outputs()
+    blocks = None if found is None else BlockOutputs(found[1], list(batches), 0, replay_bytes)
+    recorders: list[Recorder] = [outputs] if blocks is None else [outputs, blocks]
+    calibrate(model, list(batches), recorders)
+    return FloatRecord(outputs.outputs, found, {} if blocks is None else blocks.records())
 
 
 class OutputRunner:
     """Runs the model on fixed batches; a layer inside block k is measured by replaying blocks < k.
 
-    Float outputs of a few evenly spaced blocks (as many as fit in `replay_bytes`) are recorded once;
-    `outputs(layer)` stubs every block up to the last recorded one before the layer's block.
+    Float outputs of a few evenly spaced blocks (as many as fit in `replay_bytes`) are recorded once
+    (`recorded`, else one pass of `record_float`); `outputs(layer)` stubs every block up to the last
+    recorded one before the layer's block.
     """
 
-    def __init__(self, model: nn.Module, batches: Batches, replay_bytes: int = _REPLAY_BYTES) -> None:
+    def __init__(
+        self, model: nn.Module, batches: Batches, replay_bytes: int = REPLAY_BYTES, recorded: FloatRecord | None = None
+    ) -> None:
         self.model, self.batches = model, batches
         self.state = {"batch": 0}
+        recorded = recorded or record_float(model, batches, replay_bytes)
+        self.reference = recorded.reference
         self.blocks_name, self.blocks, self.records = "", None, {}
-        found = find_blocks(model)
-        calls: dict[int, list[int]] = {}
-        blocks = found[1] if found is not None else []
-        self.reference = self._run_hooked(blocks, lambda i, out: calls.setdefault(i, []).append(_tensor_bytes(out)))
-        if found is None or any(len(calls.get(i, [])) != len(batches) for i in range(len(blocks))):
-            return  # no blocks, or a block ran more or less than once per forward: no replay
-        count = min(len(blocks) - 1, replay_bytes // max(1, sum(calls[0])))
-        if count >= 1:
-            self._record(found, np.linspace(0, len(blocks) - 2, count).round().astype(int).tolist())
-
-    @torch.no_grad()
-    def _run_hooked(self, blocks: Any, record: Callable[[int, Any], None]) -> list[torch.Tensor]:
-        handles = [block.register_forward_hook(lambda m, a, out, i=i: record(i, out)) for i, block in enumerate(blocks)]
-        try:
-            return run_outputs(self.model, self.batches)
-        finally:
-            for handle in handles:
-                handle.remove()
-
-    def _record(self, found: tuple[str, nn.ModuleList], keep: list[int]) -> None:
-        records: dict[int, list[Any]] = {index: [] for index in keep}
-        self._run_hooked(found[1], lambda i, out: records[i].append(out) if i in records else None)
-        self.blocks_name, self.blocks, self.records = found[0], found[1], records
+        if recorded.found is None or not recorded.records:
+            return  # no blocks, a block ran more or less than once per forward, or none fits: no replay
+        self.blocks_name, self.blocks = recorded.found
+        self.records = recorded.records
         if not self._replay_matches():
             self.blocks, self.records = None, {}
 
@@ -252,20 +253,22 @@ def measure_sensitivity(
     known: Table | None = None,
     progress: ProgressFn = no_progress,
     units: list[list[str]] | None = None,
+    recorded: FloatRecord | None = None,
 ) -> tuple[Table, int]:
     """Raw metrics per (unit, bits) for the entries `known` lacks; returns (full table, entries measured).
 
     A unit is one layer or a tie group (layers that always share a width are quantized together, so the
     measurement includes their interaction, e.g. q and k of one attention). Default: one unit per layer.
-    The model's weights are restored exactly after each measurement."""
+    The model's weights are restored exactly after each measurement. `recorded`: what a calibration
+    pass already recorded on `batches` (then on the model's device), else `record_float` runs one."""
     groups = {unit_key(unit): unit for unit in (units or [[name] for name in layers])}
     table: Table = {key: dict((known or {}).get(key, {})) for key in groups}
     todo = [(key, b) for key in groups for b in bits if b < 16 and str(b) not in table[key]]
     if not todo:
         return table, 0
-    device = next(model.parameters()).device
-    batches = Batches(batches_on(batches, device), batches.labels)
-    runner = OutputRunner(model, batches)
+    if recorded is None:
+        batches = Batches(batches_on(batches, next(model.parameters()).device), batches.labels)
+    runner = OutputRunner(model, batches, recorded=recorded)
     for done, (key, b) in enumerate(todo):
         names = groups[key]
         originals = {name: get_weight_matrix(layers[name]).clone() for name in names}
