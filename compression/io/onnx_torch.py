@@ -21,7 +21,8 @@ from torch import nn
 from compression.io.errors import ModelLoadError
 from compression.io.onnx_checks import default_opset, unsupported_operators, unsupported_variants
 from compression.io.onnx_graph import WeightLayer, find_weight_layers, node_attributes
-from compression.io.onnx_ops import OPS, OpContext, spatial_pads, tensor_from_proto, torch_pad_list
+from compression.io.onnx_ops import OPS, OpContext, tensor_from_proto
+from compression.io.onnx_spatial import spatial_pads, torch_pad_list
 
 
 @dataclass

@@ -13,6 +13,8 @@ MixDQ (metric-decoupled sensitivity, integer programming) with HAWQ-V3's constra
    codes; GPTQ / decoupleQ re-run block by block at the allocated widths) and measured on the calibration
    data; `result.model` is the `budget_bits` point. Width 16 means "left float".
 
+The float model runs once over the calibration data (`mixed_precision_calibration`): MACs, ties, Hessians,
+the sensitivity reference and replay, the points' reference and the block inputs all come from that pass.
 This module sets up, runs the sweep and assembles the result; the parts live beside it:
 `mixed_precision_candidates` (quantizing a layer at a width, a model at an allocation),
 `mixed_precision_analysis` (ties and the sensitivity pass), `mixed_precision_costs` (per-width costs

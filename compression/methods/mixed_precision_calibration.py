@@ -1,19 +1,25 @@
 """mixed_precision, its one calibration pass: the float model runs once over the calibration samples
 (`capture.calibrate`) and every later step reads what it needs from the recorders of that pass:
-- MACs per sample (BitOps budget, layers never called) and the shared-input stages (ties) of batch 0;
+- MACs per sample over all batches (BitOps budget, layers never called), shared-input stages (ties) of
+  batch 0;
 - the per-layer Hessians of GPTQ / decoupleQ candidates, on the fitting samples;
 - the float reference outputs (sensitivity metrics and every Pareto point's measurement) and the replay
   checkpoints of the sensitivity pass, on the measured samples;
 - the repeated blocks' float inputs, from which each budget's block-by-block re-quantization starts.
 The batches are cut once where the measured samples begin (`calibration_pieces`), so the fitting and the
-measured samples are whole batches of the same pass.
+measured samples are whole batches of the same pass. Held for the whole sweep: the Hessians, the
+reference outputs, the replay checkpoints (within the sensitivity byte budget) and block 0's hidden states
+of every batch with each block's other call arguments.
 
-What still runs after the pass, and why it cannot come from it: the sensitivity measurements (the model
-with one unit quantized, replaying the recorded float blocks; one replayed forward first checks the
-replay reproduces the reference), and for gptq / decoupleq each budget's true-sequential re-quantization,
-whose Hessians are by design taken on the outputs of the already-quantized blocks and stages (block
-forwards; for a model without repeated blocks, forwards of the partly quantized model), and each Pareto
-point's measurement of the quantized model.
+What still runs after the pass, and why it cannot come from it:
+- the sensitivity measurements: the model with one unit quantized, replaying the recorded float blocks
+  (one replayed forward first checks that the replay reproduces the reference outputs);
+- gptq / decoupleq, per budget, the true-sequential re-quantization (`sequential.quantize_sequentially`):
+  by design each stage's Hessians are taken on the outputs of the already-quantized blocks and stages, so
+  the blocks run again on quantized inputs (block forwards, starting from the recorded block-0 inputs).
+  A model without repeated blocks is one block: per budget one forward of batch 0 finds its stages and
+  the first stage's Hessians come from forwards stopped once that stage ran, both still on float weights;
+- each Pareto point's measurement of its quantized model.
 """
 
 from __future__ import annotations
