@@ -1,6 +1,7 @@
 """Per-layer diagnosis: which layers' outputs moved most after compression.
 
-Forward hooks record each named layer's output in both models on the same inputs; the SQNR of the
+A `capture.LayerOutputs` recorder per model records each named layer's output on the same batch (one
+calibration pass of each model, batch by batch: one batch of layer outputs is held); the SQNR of the
 compressed layer output against the original one is accumulated over all batches. Errors
 accumulate through the network, so the ranking uses the SQNR *drop* relative to the layer's
 input-side neighbour as well: a layer whose SQNR is far below the one before it is where damage
@@ -16,6 +17,7 @@ import torch
 from torch import nn
 
 from compression.evaluate.fidelity import energy_sums
+from compression.primitives.capture import LayerOutputs, calibrate
 from compression.types import Batches
 
 
@@ -34,49 +36,25 @@ class _OutputEnergy:
         return 10 * math.log10(max(self.signal[name], 1e-300) / self.noise[name])
 
 
-def _capture(model: nn.Module, names: list[str], store: dict[str, torch.Tensor]) -> list[Any]:
-    handles = []
-    modules = dict(model.named_modules())
-    for name in names:
-        if name not in modules:
-            continue
-
-        def hook(module: nn.Module, args: Any, output: Any, name: str = name) -> None:
-            tensor = output[0] if isinstance(output, tuple) else output
-            if isinstance(tensor, torch.Tensor):
-                store[name] = tensor.detach().float()
-
-        handles.append(modules[name].register_forward_hook(hook))
-    return handles
-
-
 @torch.no_grad()
 def layer_sqnr(
     original: nn.Module, compressed: nn.Module, batches: Batches, layer_names: list[str]
 ) -> dict[str, float | None]:
     """Output SQNR (dB) of each named layer, compressed vs original, summed over `batches`."""
     energy = _OutputEnergy(layer_names)
-    ref_out: dict[str, torch.Tensor] = {}
-    new_out: dict[str, torch.Tensor] = {}
-    handles = _capture(original, layer_names, ref_out) + _capture(compressed, layer_names, new_out)
+    ref_out, new_out = LayerOutputs(layer_names), LayerOutputs(layer_names)
     original.eval()
     compressed.eval()
-    try:
-        for batch in batches:
-            ref_out.clear()
-            new_out.clear()
-            original(**batch)
-            compressed(**batch)
-            for name in layer_names:
-                ref, new = ref_out.get(name), new_out.get(name)
-                if ref is None or new is None or ref.shape != new.shape:
-                    continue
-                signal, noise = energy_sums(ref, new)
-                energy.signal[name] += signal
-                energy.noise[name] += noise
-    finally:
-        for handle in handles:
-            handle.remove()
+    for batch in batches:
+        calibrate(original, [batch], [ref_out])
+        calibrate(compressed, [batch], [new_out])
+        for name in layer_names:
+            ref, new = ref_out.outputs.get(name), new_out.outputs.get(name)
+            if ref is None or new is None or ref.shape != new.shape:
+                continue
+            signal, noise = energy_sums(ref, new)
+            energy.signal[name] += signal
+            energy.noise[name] += noise
     return {name: energy.sqnr(name) for name in layer_names}
 
 

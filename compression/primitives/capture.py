@@ -13,6 +13,8 @@ pass and every recorder reads what its consumer needs from the same activations:
   importance.
 - `Macs`: multiply-accumulates per sample (`macs.call_macs`, the one MAC counter).
 - `Stages`: layers that read the same input tensor, in execution order, on the first batch.
+- `LayerOutputs`: each named layer's output on the current batch (the per-layer diagnosis runs the
+  original and the compressed model batch by batch with one each).
 Mixed precision attaches all of them to one pass of the float model; GPTQ / decoupleQ attach `BlockArgs`.
 """
 
@@ -191,6 +193,25 @@ class Stages(Recorder):
         for name, key in self.seen.items():
             grouped.setdefault(key, []).append(name)
         return list(grouped.values())
+
+
+class LayerOutputs(Recorder):
+    """Each named layer's output on the current batch (the first tensor of a tuple), float32."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names, self.outputs = names, {}
+
+    def attach(self, model: nn.Module) -> list[RemovableHandle]:
+        modules = dict(model.named_modules())
+        return [modules[n].register_forward_hook(partial(self._hook, n)) for n in self.names if n in modules]
+
+    def _hook(self, name: str, module: nn.Module, args: tuple, output: Any) -> None:
+        tensor = output[0] if isinstance(output, tuple) else output
+        if isinstance(tensor, torch.Tensor):
+            self.outputs[name] = tensor.detach().float()
+
+    def begin(self, index: int, batch: dict[str, Any]) -> None:
+        self.outputs.clear()
 
 
 @dataclass
