@@ -1,5 +1,6 @@
 """A zoo of architectures people export with `torch.onnx.export` (opset 17), each through the importer and
-every built-in method, then export, with ONNX Runtime agreeing at both ends.
+every built-in method, then export, with ONNX Runtime agreeing at both ends (quant_int8 quantizes the
+uploaded graph itself, through its spec's job-level hooks, as a job runs it).
 
 EfficientNet-style (depthwise MBConv, squeeze-excite, hard-swish), a ViT-style encoder (patch conv,
 attention written out, LayerNorm, GELU), a ConvNeXt-style block (7x7 depthwise, channels-last LayerNorm,
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -17,10 +19,12 @@ import pytest
 import torch
 from torch import nn
 
+from compression.configs import METHOD_KEYS
 from compression.errors import CompressionError
 from compression.io import export_artifacts, load_model, verify_onnx
 from compression.io.loaded import LoadedModel
-from compression.registry import get_method, parse_config
+from compression.methods.spec import MethodRun
+from compression.registry import get_method, get_spec, parse_config
 from compression.types import Batches
 from tests.compression.test_onnx_mobilenet import (  # noqa: F401 - one_thread: the module's autouse fixture
     TinyMobileNetV2,
@@ -210,3 +214,25 @@ def test_every_method_runs_and_exports(zoo_model: tuple[str, LoadedModel], metho
     with torch.no_grad():
         want = result.model(input=images).numpy()
     np.testing.assert_allclose(run_ort(paths["onnx"], images), want, atol=1e-3 * np.abs(want).max())
+
+
+def test_every_builtin_method_is_in_the_zoo() -> None:
+    assert set(METHODS) | {"quant_int8"} == set(METHOD_KEYS)
+
+
+def test_quant_int8_quantizes_the_imported_graph(zoo_model: tuple[str, LoadedModel], tmp_path: Path) -> None:
+    """The job's path: the spec's `run` hook quantizes the upload's own graph to QDQ, `write_onnx` ships it."""
+    name, loaded = zoo_model
+    spec, config = get_spec("quant_int8"), parse_config("quant_int8", {})
+    job = SimpleNamespace(work_dir=tmp_path)  # the one JobSpec field the hook reads
+    assert spec.run is not None and spec.write_onnx is not None
+    result = spec.run(MethodRun(loaded, _calibration(), config, job, lambda *_: None))  # type: ignore[arg-type]
+    assert result is not None
+    path = tmp_path / "int8.onnx"
+    stored = spec.write_onnx(result, loaded, path, {"input": random_images(2)})
+    assert stored and set(stored.values()) == {"int8 QDQ (DequantizeLinear)"}, stored
+    images = random_images(seed=9)
+    with torch.no_grad():
+        want, shipped = loaded.module(input=images).numpy(), result.model(input=images).numpy()
+    np.testing.assert_array_equal(run_ort(path, images), shipped)  # what was measured is what ships
+    assert np.abs(shipped - want).max() <= 0.1 * np.abs(want).max(), name  # measured: at most 5.3 % (ConvNeXt)
