@@ -7,7 +7,7 @@ against these models and never imports torch.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator, model_validator
 
@@ -324,18 +324,9 @@ MethodConfig = Annotated[
 ]
 
 CONFIG_CLASSES: dict[str, type[MethodConfigBase]] = {
-    cls.model_fields["method"].default: cls
-    for cls in (
-        RTNConfig,
-        GPTQConfig,
-        DecoupleQConfig,
-        PruneStructuredConfig,
-        PruneUnstructuredConfig,
-        MixedPrecisionConfig,
-        DataFreeConfig,
-        Int8Config,
-    )
+    cls.model_fields["method"].default: cls for cls in get_args(get_args(MethodConfig)[0])
 }
+"""Method key -> config class of every built-in method, read from `MethodConfig` (the one list)."""
 METHOD_KEYS: tuple[str, ...] = tuple(CONFIG_CLASSES)
 
 _method_config_adapter: TypeAdapter[Any] = TypeAdapter(MethodConfig)
