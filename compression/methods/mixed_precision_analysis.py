@@ -140,17 +140,8 @@ def sensitivity_pass(
         symmetric=config.symmetric,
     )
     known = cache.load(key)
-    table, count = measure_sensitivity(
-        state.work,
-        state.layers,
-        state.measure,
-        state.costs.candidates,
-        state.weights.matrix,
-        known,
-        report,
-        units,
-        state.float_pass.record,
-    )
+    what = (state.work, state.layers, state.measure, state.costs.candidates, state.weights.matrix)
+    table, count = measure_sensitivity(*what, known, report, units, state.float_pass.record)
     if count:
         cache.save(key, table)
     total = len(units) * sum(1 for b in state.costs.candidates if b < FLOAT_BITS)
