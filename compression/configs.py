@@ -60,14 +60,49 @@ class MethodConfigBase(_Inert):
         return {"calibration": use, "kinds": list(cls.data_kinds)}
 
 
-class QuantizerFields(MethodConfigBase):
+ZeroPointMode = Literal["float", "integer", "none"]
+
+
+class WeightFormatFields(MethodConfigBase):
+    """How quantized weights are stored and run: shared by every weight-only quantizer and mixed_precision."""
+
+    zero_point: ZeroPointMode = Field(
+        "integer",
+        description="Per-group offset Z of W ≈ codes·S + Z: 'float' a free float Z (decoupleQ's form; ONNX Runtime "
+        "runs it through a slower path), 'integer' Z = -zp·S with an integer zero point (the packed uint8 zero "
+        "points of ONNX Runtime's prepacked MatMulNBits kernels, GPTQ and compressed-tensors checkpoints), 'none' "
+        "Z = 0 (symmetric, no zero points).",
+    )
+    accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
+        0,
+        description="ONNX Runtime MatMulNBits accuracy_level written into the exported graph: 0 (unset) to 3 run "
+        "fp32 activations on CPU; 4 quantizes activations to int8 per block (int8 compute: faster on large layers, "
+        "not exact; it can flip argmax tokens). The report measures the exported model at the other setting too "
+        "(`fidelity.accuracy_level`).",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _legacy_symmetric(cls, data: Any) -> Any:
+        """Configs written before `zero_point` carry `symmetric`: true is 'none', false was a float Z."""
+        if isinstance(data, dict) and "symmetric" in data:
+            data = dict(data)
+            symmetric = data.pop("symmetric")
+            data.setdefault("zero_point", "none" if symmetric else "float")
+        return data
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_point == "none"
+
+
+class QuantizerFields(WeightFormatFields):
     """Weight-only quantization: W ≈ W_int·S + Z per output row and group."""
 
     bits: Bits = 4
     group_size: int | None = Field(
         128, description="Input columns per (S, Z) group, a power of two >= 16; null for one group per output channel."
     )
-    symmetric: bool = Field(False, description="Z = 0 when true; a free float Z per group when false.")
     quantize_embeddings: Literal[None, 4, 8] = Field(
         None, description="Also RTN-quantize embedding tables at 4 or 8 bits (default: keep float)."
     )
@@ -150,14 +185,13 @@ class PruneUnstructuredConfig(MethodConfigBase):
     pattern: Literal["unstructured", "2:4", "4:8"] = "unstructured"
 
 
-class MixedPrecisionConfig(MethodConfigBase):
+class MixedPrecisionConfig(WeightFormatFields):
     summary: ClassVar[str] = "Per-layer bit widths from measured sensitivity and an integer program under a budget."
     method: Literal["mixed_precision"] = "mixed_precision"
     budget_bits: float = Field(3.0, gt=1, le=16, description="Average bits per quantized weight.")
     candidates: list[Literal[2, 3, 4, 8, 16]] = Field(default_factory=lambda: [2, 3, 4, 8], max_length=5)
     quantizer: Literal["rtn", "gptq", "decoupleq"] = "gptq"
     group_size: int | None = 128
-    symmetric: bool = False
     budgets: list[float] | None = Field(None, max_length=64, description="Several budgets for a Pareto sweep.")
     budget_kind: Literal["bits", "bitops", "latency"] = "bits"
     metric_weights: dict[str, float] = Field(

@@ -157,7 +157,7 @@ def sensitivity_pass(
         holdout=state.holdout,
         quantizer=config.quantizer,
         group_size=config.group_size,
-        symmetric=config.symmetric,
+        zero_point=config.zero_point,
     )
     known = cache.load(key)
     table, count = measure_sensitivity(
