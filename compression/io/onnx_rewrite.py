@@ -1,10 +1,13 @@
 """ONNX subgraphs for quantized weights.
 
 - `matmul_nbits_nodes`: Linear (Gemm/MatMul) at 2, 4 or 8 bits -> `com.microsoft.MatMulNBits` on
-  unsigned codes u = codes + 2^(b-1) with ORT's default zero point 2^(b-1), plus the float-Z term
-  `Σ_g Z[n,g]·Σ_(k∈g) A[m,k]` (a ReduceSum and a tiny MatMul) when Z != 0; at 2 bits, float zero
-  points 2^(b-1) − Z/S instead (ORT's faster path there, see FLOAT_ZERO_POINT_BITS). Per-channel layers use
-  a block of 16..128 columns with each row's S repeated over its blocks (exact).
+  unsigned codes u = codes + 2^(b-1), by the layer's zero-point form (`QuantizedLayer.zero_point_kind`):
+  symmetric: no zero_points input (ORT's default 2^(b-1)); integer: the packed uint8 `zero_points` input
+  (zp + 2^(b-1), b bits each, per row a little-endian bit stream padded to whole bytes: ORT's layout) — both
+  take ORT's prepacked kernels; float Z: ORT's default zero point plus the float-Z term
+  `Σ_g Z[n,g]·Σ_(k∈g) A[m,k]` (a ReduceSum and a tiny MatMul), or at 2 bits float zero points
+  2^(b-1) − Z/S (faster there, see FLOAT_ZERO_POINT_BITS). Per-channel layers use a block of 16..128
+  columns with each row's S (and zp) repeated over its blocks (exact).
 - `dequant_weight_nodes` ("option A", any op, any bits incl. 3): packed uint8 initializer unpacked
   in-graph with float Div/Floor/Mod (opset >= 10), scaled and offset per group, reshaped to the
   original weight layout. ORT constant-folds it at session creation: file small, compute fp32.
@@ -59,22 +62,26 @@ def matmul_nbits_nodes(
     y_name: str,
     prefix: str,
     *,
-    accuracy_level: int = 4,
-    zero_points: bool | None = None,
+    accuracy_level: int = 0,
+    use_float_zero_points: bool | None = None,
 ) -> Subgraph:
-    """Y = A · dequant(W)ᵀ for W [N, K] = codes·S + Z (bias is the caller's). `zero_points`: float zero
-    points instead of the zero-term subgraph (default: at the widths in FLOAT_ZERO_POINT_BITS)."""
+    """Y = A · dequant(W)ᵀ for W [N, K] = codes·S + Z (bias is the caller's). `use_float_zero_points`, for a float Z:
+    float zero points instead of the zero-term subgraph (default: at the widths in FLOAT_ZERO_POINT_BITS)."""
     n_out, cols = layer.codes.shape
     block = nbits_block_size(layer)
     k_blocks = -(-cols // block)
     packed = packed_rows(layer, block).reshape(n_out, k_blocks, block * layer.bits // 8)
     scales = layer.scales.float().expand(n_out, k_blocks) if not layer.group_size else layer.scales.float()
-    has_zero = bool(layer.zeros.abs().max() > 0)
+    kind = layer.zero_point_kind()
+    has_zero = kind == "float"
     inputs = [a_name, f"{prefix}_B", f"{prefix}_scales"]
     extra = []
-    if zero_points is None:
-        zero_points = layer.bits in FLOAT_ZERO_POINT_BITS
-    if has_zero and zero_points:
+    if use_float_zero_points is None:
+        use_float_zero_points = layer.bits in FLOAT_ZERO_POINT_BITS
+    if kind == "integer":
+        extra = [_const(f"{prefix}_zero_points", packed_zero_points(layer, k_blocks).numpy())]
+        inputs.append(f"{prefix}_zero_points")
+    elif has_zero and use_float_zero_points:
         scales, points = float_zero_points(layer, scales)
         extra, has_zero = [_const(f"{prefix}_zero_points", points.numpy())], False
         inputs.append(f"{prefix}_zero_points")
@@ -98,6 +105,15 @@ def matmul_nbits_nodes(
         graph.nodes += [*zero_term.nodes, helper.make_node("Add", [main_out, f"{prefix}_zterm"], [y_name])]
         graph.initializers += zero_term.initializers
     return graph
+
+
+def packed_zero_points(layer: QuantizedLayer, k_blocks: int) -> torch.Tensor:
+    """MatMulNBits' uint8 `zero_points` [N·ceil(k_blocks·b/8)]: zp + 2^(b−1) per block, packed like the codes."""
+    zero_points = layer.integer_zero_points()
+    assert zero_points is not None, f"{layer.name} has no integer zero points"
+    if not layer.group_size:
+        zero_points = zero_points.expand(-1, k_blocks)
+    return pack_codes(zero_points.contiguous(), layer.bits).reshape(-1)
 
 
 def float_zero_points(layer: QuantizedLayer, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
