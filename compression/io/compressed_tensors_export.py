@@ -117,7 +117,12 @@ def _quantization_config(groups: dict[str, tuple[Any, list[str]]], ignore: list[
     config = QuantizationConfig(
         config_groups=schemes, format="pack-quantized", quantization_status="compressed", ignore=sorted(ignore)
     )
-    return config.model_dump(mode="json", exclude_none=True)
+    dumped = config.model_dump(mode="json", exclude_none=True)
+    if any(not args.symmetric for args, _ in groups.values()):
+        # transformers cannot build asymmetric pack-quantized layers compressed (packed zero points, llm-compressor
+        # issue 1618): ask it to dequantize at load; vLLM and compressed-tensors ignore the key
+        dumped["dequantize"] = True
+    return dumped
 
 
 def _layer_tensors(

@@ -5,9 +5,11 @@
   symmetric: no zero_points input (ORT's default 2^(b-1)); integer: the packed uint8 `zero_points` input
   (zp + 2^(b-1), b bits each, per row a little-endian bit stream padded to whole bytes: ORT's layout) — both
   take ORT's prepacked kernels; float Z: ORT's default zero point plus the float-Z term
-  `Σ_g Z[n,g]·Σ_(k∈g) A[m,k]` (a ReduceSum and a tiny MatMul), or at 2 bits float zero points
-  2^(b-1) − Z/S (faster there, see FLOAT_ZERO_POINT_BITS). Per-channel layers use a block of 16..128
-  columns with each row's S (and zp) repeated over its blocks (exact).
+  `Σ_g Z[n,g]·Σ_(k∈g) A[m,k]` (a ReduceSum and a tiny MatMul). At the widths in FLOAT_ZERO_POINT_BITS (2)
+  float zero points 2^(b-1) − Z/S instead: for a float Z always, for integer and symmetric layers below
+  accuracy_level 4 (ORT's 2-bit prepacked path has int8 kernels only; with fp32 activations it is ~50x
+  slower than fp32, the float-zero-point loop ~2x). Per-channel layers use a block of 16..128 columns with
+  each row's S (and zp) repeated over its blocks (exact).
 - `dequant_weight_nodes` ("option A", any op, any bits incl. 3): packed uint8 initializer unpacked
   in-graph with float Div/Floor/Mod (opset >= 10), scaled and offset per group, reshaped to the
   original weight layout. ORT constant-folds it at session creation: file small, compute fp32.
@@ -29,9 +31,10 @@ from compression.primitives.pack import pack_codes, padded_length
 from compression.types import QuantizedLayer
 
 MATMUL_NBITS_BITS = (2, 4, 8)
-# Measured by benchmarks/matmul_nbits.py (ORT 1.32, CPU, fp32 activations): at 2 bits float zero points are
-# ORT's faster path, at 4 bits the zero-term subgraph is (see the README table).
+# Measured by benchmarks/matmul_nbits.py (ORT 1.32, CPU): at 2 bits float zero points are ORT's faster path
+# with fp32 activations, at 4 bits the zero-term subgraph is (see the README table).
 FLOAT_ZERO_POINT_BITS = (2,)
+INT8_ACCURACY_LEVEL = 4  # MatMulNBits quantizes activations to int8 (CPU int8 compute) at this level
 
 
 @dataclass
@@ -65,8 +68,9 @@ def matmul_nbits_nodes(
     accuracy_level: int = 0,
     use_float_zero_points: bool | None = None,
 ) -> Subgraph:
-    """Y = A · dequant(W)ᵀ for W [N, K] = codes·S + Z (bias is the caller's). `use_float_zero_points`, for a float Z:
-    float zero points instead of the zero-term subgraph (default: at the widths in FLOAT_ZERO_POINT_BITS)."""
+    """Y = A · dequant(W)ᵀ for W [N, K] = codes·S + Z (bias is the caller's). `use_float_zero_points`: float zero
+    points whatever the layer's form (default: at the widths in FLOAT_ZERO_POINT_BITS, for integer and symmetric
+    layers only below INT8_ACCURACY_LEVEL)."""
     n_out, cols = layer.codes.shape
     block = nbits_block_size(layer)
     k_blocks = -(-cols // block)
@@ -77,13 +81,14 @@ def matmul_nbits_nodes(
     inputs = [a_name, f"{prefix}_B", f"{prefix}_scales"]
     extra = []
     if use_float_zero_points is None:
-        use_float_zero_points = layer.bits in FLOAT_ZERO_POINT_BITS
-    if kind == "integer":
-        extra = [_const(f"{prefix}_zero_points", packed_zero_points(layer, k_blocks).numpy())]
-        inputs.append(f"{prefix}_zero_points")
-    elif has_zero and use_float_zero_points:
+        slow_prepacked = accuracy_level < INT8_ACCURACY_LEVEL  # 2-bit prepacked kernels compute in int8 only
+        use_float_zero_points = layer.bits in FLOAT_ZERO_POINT_BITS and (kind == "float" or slow_prepacked)
+    if use_float_zero_points:
         scales, points = float_zero_points(layer, scales)
         extra, has_zero = [_const(f"{prefix}_zero_points", points.numpy())], False
+        inputs.append(f"{prefix}_zero_points")
+    elif kind == "integer":
+        extra = [_const(f"{prefix}_zero_points", packed_zero_points(layer, k_blocks).numpy())]
         inputs.append(f"{prefix}_zero_points")
     inits = [_const(f"{prefix}_B", packed), _const(f"{prefix}_scales", scales.numpy()), *extra]
     main_out = f"{prefix}_mm" if has_zero else y_name
@@ -114,6 +119,25 @@ def packed_zero_points(layer: QuantizedLayer, k_blocks: int) -> torch.Tensor:
     if not layer.group_size:
         zero_points = zero_points.expand(-1, k_blocks)
     return pack_codes(zero_points.contiguous(), layer.bits).reshape(-1)
+
+
+def matmul_nbits_levels(model: onnx.ModelProto) -> set[int]:
+    """The accuracy_level values of the graph's MatMulNBits nodes (empty: the graph has none)."""
+    return {
+        next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
+        for node in model.graph.node
+        if node.op_type == "MatMulNBits"
+    }
+
+
+def set_accuracy_level(model: onnx.ModelProto, level: int) -> int:
+    """Set accuracy_level on every MatMulNBits node in place; returns how many nodes there are."""
+    nodes = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
+    for node in nodes:
+        kept = [a for a in node.attribute if a.name != "accuracy_level"]
+        del node.attribute[:]
+        node.attribute.extend([*kept, helper.make_attribute("accuracy_level", level)])
+    return len(nodes)
 
 
 def float_zero_points(layer: QuantizedLayer, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

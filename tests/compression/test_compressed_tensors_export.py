@@ -103,7 +103,10 @@ def test_integer_zero_points_write_the_real_quantized_checkpoint(tmp_path: Path,
     config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
     assert {group["weights"]["symmetric"] for group in config["config_groups"].values()} == {False}
     assert "model.layers.0.mlp.down_proj.weight_zero_point" in _keys(tmp_path / "ct")
-    model = _load(tmp_path / "ct")
+    assert config["dequantize"] is True  # plain from_pretrained cannot build packed zero points compressed
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32).eval()
     layer = result.quantized["model.model.layers.0.mlp.down_proj"]
     torch.testing.assert_close(model.model.layers[0].mlp.down_proj.weight, layer.dequantize(), rtol=0, atol=1e-7)
     ids = torch.randint(0, 128, (2, 12))
