@@ -6,9 +6,10 @@
   (zp + 2^(b-1), b bits each, per row a little-endian bit stream padded to whole bytes: ORT's layout) — both
   take ORT's prepacked kernels; float Z: ORT's default zero point plus the float-Z term
   `Σ_g Z[n,g]·Σ_(k∈g) A[m,k]` (a ReduceSum and a tiny MatMul). At the widths in FLOAT_ZERO_POINT_BITS (2)
-  float zero points 2^(b-1) − Z/S instead: for a float Z always, for integer and symmetric layers below
-  accuracy_level 4 (ORT's 2-bit prepacked path has int8 kernels only; with fp32 activations it is ~50x
-  slower than fp32, the float-zero-point loop ~2x). Per-channel layers use a block of 16..128 columns with
+  below accuracy_level 4, every form takes float zero points 2^(b-1) − Z/S instead: ORT's 2-bit prepacked
+  kernels compute in int8 only, and with fp32 activations they run 10-80x slower than the fp32 MatMul
+  where the float-zero-point loop runs ~2x slower (benchmarks/matmul_nbits.py, one token); at level 4 the
+  prepacked forms are 2.3-4.4x faster than fp32. Per-channel layers use a block of 16..128 columns with
   each row's S (and zp) repeated over its blocks (exact).
 - `dequant_weight_nodes` ("option A", any op, any bits incl. 3): packed uint8 initializer unpacked
   in-graph with float Div/Floor/Mod (opset >= 10), scaled and offset per group, reshaped to the
@@ -31,8 +32,8 @@ from compression.primitives.pack import pack_codes, padded_length
 from compression.types import QuantizedLayer
 
 MATMUL_NBITS_BITS = (2, 4, 8)
-# Measured by benchmarks/matmul_nbits.py (ORT 1.32, CPU): at 2 bits float zero points are ORT's faster path
-# with fp32 activations, at 4 bits the zero-term subgraph is (see the README table).
+# Measured by benchmarks/matmul_nbits.py (ORT 1.32, CPU): at 2 bits with fp32 activations float zero points are
+# ORT's faster path; at 4 bits, and at 2 bits with int8 activations, the prepacked forms are (README table).
 FLOAT_ZERO_POINT_BITS = (2,)
 INT8_ACCURACY_LEVEL = 4  # MatMulNBits quantizes activations to int8 (CPU int8 compute) at this level
 
@@ -69,8 +70,7 @@ def matmul_nbits_nodes(
     use_float_zero_points: bool | None = None,
 ) -> Subgraph:
     """Y = A · dequant(W)ᵀ for W [N, K] = codes·S + Z (bias is the caller's). `use_float_zero_points`: float zero
-    points whatever the layer's form (default: at the widths in FLOAT_ZERO_POINT_BITS, for integer and symmetric
-    layers only below INT8_ACCURACY_LEVEL)."""
+    points whatever the layer's form (default: at the widths in FLOAT_ZERO_POINT_BITS below INT8_ACCURACY_LEVEL)."""
     n_out, cols = layer.codes.shape
     block = nbits_block_size(layer)
     k_blocks = -(-cols // block)
@@ -81,8 +81,8 @@ def matmul_nbits_nodes(
     inputs = [a_name, f"{prefix}_B", f"{prefix}_scales"]
     extra = []
     if use_float_zero_points is None:
-        slow_prepacked = accuracy_level < INT8_ACCURACY_LEVEL  # 2-bit prepacked kernels compute in int8 only
-        use_float_zero_points = layer.bits in FLOAT_ZERO_POINT_BITS and (kind == "float" or slow_prepacked)
+        # 2-bit prepacked kernels compute in int8 only
+        use_float_zero_points = layer.bits in FLOAT_ZERO_POINT_BITS and accuracy_level < INT8_ACCURACY_LEVEL
     if use_float_zero_points:
         scales, points = float_zero_points(layer, scales)
         extra, has_zero = [_const(f"{prefix}_zero_points", points.numpy())], False
