@@ -218,6 +218,7 @@ def main() -> None:
     parser.add_argument("--fmnist-test", type=int, default=2000)
     parser.add_argument("--latency-budget", type=float, default=3.0)
     parser.add_argument("--skip-fmnist", action="store_true")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP stalls on a busy machine)")
     parser.add_argument("--retable", action="store_true", help="only rebuild the tables of the results file")
     args = parser.parse_args()
     if args.retable:
@@ -225,7 +226,7 @@ def main() -> None:
         payload["tables"] = tables(payload["rows"], payload["accuracy_level"])
         RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     started, load_start = time.perf_counter(), load_average()
     rows, levels = minilm_task(args)
     if not args.skip_fmnist:

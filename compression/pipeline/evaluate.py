@@ -70,11 +70,18 @@ def cross_check(onnx: dict[str, Any], torch_side: dict[str, Any]) -> dict[str, A
     }
 
 
-def export_check(runtimes: Runtimes, result: CompressionResult, artifacts: dict, eval_data: Batches) -> dict[str, Any]:
-    """The ONNX against the PyTorch model, and every other model artifact against the ONNX, on the same rows."""
+def export_check(
+    runtimes: Runtimes, result: CompressionResult, artifacts: dict, eval_data: Batches, exact: OrtModel | None = None
+) -> dict[str, Any]:
+    """The ONNX against the PyTorch model, and every other model artifact against the ONNX, on the same rows.
+    `exact`: the shipped graph with its MatMulNBits at accuracy_level 0, checked in its place when the job ships
+    int8 activations (their error is measured by `fidelity.accuracy_level`, not a wrong export)."""
     rows = example(eval_data, CHECK_ROWS)
-    check = verify_onnx(runtimes.compressed, result.model, rows)
-    others = check_artifacts(artifacts, onnx_outputs(runtimes.compressed, rows), rows, result)
+    graph = exact or runtimes.compressed
+    check = verify_onnx(graph, result.model, rows)
+    if exact is not None:
+        check["checked_at_accuracy_level"] = 0
+    others = check_artifacts(artifacts, onnx_outputs(graph, rows), rows, result)
     checked = [c for c in others.values() if c.get("checked", True)]
     errors = [c.get("max_rel_error") for c in (check, *checked)]
     worst = None if any(e is None for e in errors) else max(errors)
@@ -109,14 +116,16 @@ def _other_level_model(path: Path, spec: JobSpec) -> tuple[OrtModel, int, int] |
 
 
 def accuracy_level_effect(
-    runtimes: Runtimes, loaded: LoadedModel, eval_data: Batches, pairs: list | None, spec: JobSpec, metric: dict
-) -> dict[str, Any] | None:
-    """`fidelity.accuracy_level`: the shipped ONNX against itself at the other MatMulNBits accuracy_level."""
-    if runtimes.compressed.path is None:
-        return None
-    opened = _other_level_model(Path(runtimes.compressed.path), spec)
-    if opened is None:
-        return None
+    runtimes: Runtimes,
+    opened: tuple[OrtModel, int, int],
+    loaded: LoadedModel,
+    eval_data: Batches,
+    pairs: list | None,
+    spec: JobSpec,
+    metric: dict,
+) -> dict[str, Any]:
+    """`fidelity.accuracy_level`: the shipped ONNX against itself at the other MatMulNBits accuracy_level
+    (`opened`: that model, the shipped level, the other level)."""
     other_model, shipped, other = opened
     agreement = compare_outputs(runtimes.compressed, other_model, eval_data, task=loaded.task)
     if metric["name"] in ("accuracy", "perplexity"):  # measured on both outputs by the comparison itself
@@ -140,6 +149,21 @@ def accuracy_level_effect(
             "drop_from_level_0": metric_drop({**cost, "higher_is_better": metric.get("higher_is_better", True)}),
         },
     }
+
+
+def _measure_accuracy_level(
+    runtimes: Runtimes, loaded: LoadedModel, eval_data: Batches, pairs: list | None, spec: JobSpec, fidelity: dict
+) -> OrtModel | None:
+    """Sets `fidelity.accuracy_level` (graphs with MatMulNBits); returns the level-0 twin of a graph shipped at
+    another level, for the export check."""
+    path = runtimes.compressed.path
+    opened = _other_level_model(Path(path), spec) if path is not None else None
+    if opened is None:
+        return None
+    fidelity["accuracy_level"] = accuracy_level_effect(
+        runtimes, opened, loaded, eval_data, pairs, spec, fidelity["metric"]
+    )
+    return opened[0] if opened[1] != 0 else None
 
 
 def _diagnosis(loaded: LoadedModel, result: CompressionResult, batches: Batches) -> tuple[dict, dict]:
@@ -167,9 +191,7 @@ def evaluate_stage(
         fidelity = _fidelity(runtimes.original, runtimes.compressed, loaded, eval_data, pairs, spec)
         fidelity["measured_on"] = "onnx"
         fidelity["onnx_provider"] = runtimes.compressed.provider
-        level = accuracy_level_effect(runtimes, loaded, eval_data, pairs, spec, fidelity["metric"])
-        if level is not None:
-            fidelity["accuracy_level"] = level
+        exact = _measure_accuracy_level(runtimes, loaded, eval_data, pairs, spec, fidelity)
         stages.report(0.4, "cross-checking against the PyTorch models")
         loaded.module.to(spec.device)
         result.model.to(spec.device)
@@ -181,7 +203,7 @@ def evaluate_stage(
         diagnosis, flops = _diagnosis(loaded, result, batches)
         loaded.module.cpu()
         result.model.cpu()
-        check = export_check(runtimes, result, artifacts, eval_data)
+        check = export_check(runtimes, result, artifacts, eval_data, exact)
     except JobError:
         raise
     except Exception as error:
