@@ -61,18 +61,18 @@ class MethodConfigBase(_Inert):
 
 
 ZeroPointMode = Literal["float", "integer", "none"]
+ZERO_POINT_DESCRIPTION = (
+    "Per-group offset Z of W ≈ codes·S + Z: 'float' a free float Z (ONNX: a correction subgraph beside ORT's "
+    "kernels; compressed-tensors cannot hold it, so `hf_dir` gets float weights), 'integer' Z = -zp·S with an "
+    "integer zero point (packed uint8 zero points of ONNX Runtime's prepacked MatMulNBits kernels, GPTQ and "
+    "compressed-tensors checkpoints), 'none' Z = 0 (symmetric, no zero points)."
+)
 
 
 class WeightFormatFields(MethodConfigBase):
     """How quantized weights are stored and run: shared by every weight-only quantizer and mixed_precision."""
 
-    zero_point: ZeroPointMode = Field(
-        "integer",
-        description="Per-group offset Z of W ≈ codes·S + Z: 'float' a free float Z (decoupleQ's form; ONNX Runtime "
-        "runs it through a slower path), 'integer' Z = -zp·S with an integer zero point (the packed uint8 zero "
-        "points of ONNX Runtime's prepacked MatMulNBits kernels, GPTQ and compressed-tensors checkpoints), 'none' "
-        "Z = 0 (symmetric, no zero points).",
-    )
+    zero_point: ZeroPointMode = Field("integer", description=ZERO_POINT_DESCRIPTION)
     accuracy_level: Literal[0, 1, 2, 3, 4] = Field(
         0,
         description="ONNX Runtime MatMulNBits accuracy_level written into the exported graph: 0 (unset) to 3 run "
@@ -140,6 +140,8 @@ class DecoupleQConfig(QuantizerFields):
     )
     method: Literal["quant_decoupleq"] = "quant_decoupleq"
     bits: Literal[2, 3, 4] = 2
+    # decoupleQ's own form: at its default 2 bits an integer zero point costs accuracy (benchmarks/zero_points.py)
+    zero_point: ZeroPointMode = Field("float", description=ZERO_POINT_DESCRIPTION)
     integer_step: Literal["gptq", "pgd"] = Field("gptq", description="How the integer codes are solved.")
     iterations: int = Field(3, ge=1, le=100, description="Alternations of integer step and (S, Z) least squares.")
     pgd_steps: int = Field(50, ge=1, le=10_000, description="Projected-gradient steps when integer_step='pgd'.")
