@@ -74,23 +74,14 @@ def matmul_nbits_nodes(
     n_out, cols = layer.codes.shape
     block = nbits_block_size(layer)
     k_blocks = -(-cols // block)
-    packed = packed_rows(layer, block).reshape(n_out, k_blocks, block * layer.bits // 8)
-    scales = layer.scales.float().expand(n_out, k_blocks) if not layer.group_size else layer.scales.float()
-    kind = layer.zero_point_kind()
-    has_zero = kind == "float"
-    inputs = [a_name, f"{prefix}_B", f"{prefix}_scales"]
-    extra = []
-    if use_float_zero_points is None:
-        # 2-bit prepacked kernels compute in int8 only
+    if use_float_zero_points is None:  # 2-bit prepacked kernels compute in int8 only
         use_float_zero_points = layer.bits in FLOAT_ZERO_POINT_BITS and accuracy_level < INT8_ACCURACY_LEVEL
-    if use_float_zero_points:
-        scales, points = float_zero_points(layer, scales)
-        extra, has_zero = [_const(f"{prefix}_zero_points", points.numpy())], False
-        inputs.append(f"{prefix}_zero_points")
-    elif kind == "integer":
-        extra = [_const(f"{prefix}_zero_points", packed_zero_points(layer, k_blocks).numpy())]
-        inputs.append(f"{prefix}_zero_points")
-    inits = [_const(f"{prefix}_B", packed), _const(f"{prefix}_scales", scales.numpy()), *extra]
+    scales, points = _scales_and_zero_points(layer, k_blocks, use_float_zero_points)
+    has_zero = layer.zero_point_kind() == "float" and not use_float_zero_points
+    packed = packed_rows(layer, block).reshape(n_out, k_blocks, block * layer.bits // 8)
+    inits = [_const(f"{prefix}_B", packed), _const(f"{prefix}_scales", scales.numpy())]
+    inputs = [a_name, f"{prefix}_B", f"{prefix}_scales", *([f"{prefix}_zero_points"] if points is not None else [])]
+    inits += [_const(f"{prefix}_zero_points", points.numpy())] if points is not None else []
     main_out = f"{prefix}_mm" if has_zero else y_name
     node = helper.make_node(
         "MatMulNBits",
@@ -104,12 +95,26 @@ def matmul_nbits_nodes(
         block_size=block,
         accuracy_level=accuracy_level,
     )
-    graph = Subgraph([node], inits)
-    if has_zero:
-        zero_term = _zero_correction(layer, a_name, prefix)
-        graph.nodes += [*zero_term.nodes, helper.make_node("Add", [main_out, f"{prefix}_zterm"], [y_name])]
-        graph.initializers += zero_term.initializers
-    return graph
+    if not has_zero:
+        return Subgraph([node], inits)
+    zero_term = _zero_correction(layer, a_name, prefix)
+    add = helper.make_node("Add", [main_out, f"{prefix}_zterm"], [y_name])
+    return Subgraph([node, *zero_term.nodes, add], [*inits, *zero_term.initializers])
+
+
+def _scales_and_zero_points(
+    layer: QuantizedLayer, k_blocks: int, use_float: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """MatMulNBits' scales [N, k_blocks] and zero_points input (None: ORT's default 2^(b−1)): float zero points
+    when `use_float`, packed uint8 for integer zero points, none for symmetric codes or a float Z (the caller
+    adds its correction subgraph)."""
+    n_out = layer.codes.shape[0]
+    scales = layer.scales.float().expand(n_out, k_blocks) if not layer.group_size else layer.scales.float()
+    if use_float:
+        return float_zero_points(layer, scales)
+    if layer.zero_point_kind() == "integer":
+        return scales, packed_zero_points(layer, k_blocks)
+    return scales, None
 
 
 def packed_zero_points(layer: QuantizedLayer, k_blocks: int) -> torch.Tensor:

@@ -274,16 +274,8 @@ def decoupleq_quantize(
     """decoupleQ's layer-wise stage on one `[out, d]` matrix; returns (codes, S, Z). With zero_point 'integer'
     every candidate (the min/max start, the shrink search, each float step) has Z = −zp·S, zp an integer."""
     zero_point = zero_point_mode(zero_point)
-    settings = {
-        "bits": bits,
-        "group_size": group_size,
-        "zero_point": zero_point,
-        "damp_percent": damp_percent,
-        "act_order": act_order,
-        "integer_step": integer_step,
-        "pgd_steps": pgd_steps,
-        "block_size": block_size,
-    }
+    settings = dict(bits=bits, group_size=group_size, zero_point=zero_point, damp_percent=damp_percent)
+    settings |= dict(act_order=act_order, integer_step=integer_step, pgd_steps=pgd_steps, block_size=block_size)
     problem = _LayerProblem(weight, hessian, settings)
     scales, zeros = minmax_params(problem.weight, bits, group_size, zero_point)
     best = problem.solution(quantize(problem.weight, scales, zeros, bits, group_size), scales, zeros)
