@@ -14,7 +14,12 @@
    against the fp32 ONNX (`paired_latency`, 2 threads, batch 1 and 32 at 64 tokens). The ResNet has no
    MatMulNBits (convolutions are stored as packed initializers; its fc head stays float).
 
+3. `--gemma DIR` (Gemma-3-270M from benchmarks/gemma_cache.py), run on its own and merged into the results file:
+   RTN W4 g64 with integer zero points exported once, the ONNX at accuracy_level 0 and 4 on `--gemma-windows`
+   windows of <bos> + 127 lee_background tokens: perplexity at each level and the next-token argmax agreement.
+
     HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/zero_points.py
+    HF_HUB_OFFLINE=1 .venv/bin/python benchmarks/zero_points.py --gemma /work/cache/gemma3-270m
 
 Writes benchmarks/results/zero_points.json (`tables` and `notes` for the README).
 """
@@ -32,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import torch
 from scipy.stats import spearmanr
 from torch import nn
@@ -45,9 +51,10 @@ from compression.configs import DecoupleQConfig, GPTQConfig, QuantizerFields, RT
 from compression.evaluate.latency import load_average, make_session, paired_latency  # noqa: E402
 from compression.io import ExportOptions, load_model  # noqa: E402
 from compression.io.export import write_onnx  # noqa: E402
+from compression.io.onnx_rewrite import set_accuracy_level  # noqa: E402
 from compression.io.ort_model import OrtModel  # noqa: E402
 from compression.registry import compress  # noqa: E402
-from compression.types import Batches, CompressionResult  # noqa: E402
+from compression.types import Batches, CompressionResult, primary_output  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "zero_points.json"
 FORMS = ("float", "integer", "none")
@@ -156,6 +163,49 @@ def _nearest(embeddings: torch.Tensor) -> torch.Tensor:
     return similarity.argmax(1)
 
 
+def gemma_levels(args: argparse.Namespace) -> dict[str, Any]:
+    """Gemma-3-270M, RTN W4 g64 with integer zero points, exported once; the ONNX at accuracy_level 0 and 4 on
+    `--gemma-windows` windows of <bos> + 127 lee_background tokens: perplexity at each level and the argmax
+    (next-token) agreement of level 4 with level 0 over every position."""
+    from benchmarks.quantization import gemma_windows
+
+    loaded = load_model(Path(args.gemma))
+    tokenizer = loaded.tokenizer
+    ids = tokenizer((gensim_data() / "lee_background.cor").read_text(), add_special_tokens=False)["input_ids"]
+    windows = gemma_windows(ids, tokenizer.bos_token_id, 0, args.gemma_windows, 128)
+    result = compress(loaded.module, None, RTNConfig(bits=4, group_size=64, zero_point="integer"))
+    example = {"input_ids": windows[:1], "attention_mask": torch.ones_like(windows[:1])}
+    out: dict[str, Any] = {"windows": len(windows), "tokens_per_window": 128}
+    with tempfile.TemporaryDirectory(prefix="zero-points-gemma-") as work:
+        path = Path(work) / "gemma.onnx"
+        started = time.perf_counter()
+        write_onnx(result, loaded, path, example, ExportOptions(accuracy_level=0))
+        out["export_s"] = round(time.perf_counter() - started, 1)
+        predictions = {}
+        for level in (0, 4):
+            model = onnx.load(str(path), load_external_data=False)
+            set_accuracy_level(model, level)
+            onnx.save_model(model, str(Path(work) / f"level{level}.onnx"))
+            runner = OrtModel(make_session(Path(work) / f"level{level}.onnx", threads=1, prefer_cuda=False))
+            nll, predictions[level] = _gemma_pass(runner, windows)
+            out[f"perplexity_level{level}"] = math.exp(nll)
+    out["argmax_agreement"] = float((predictions[4] == predictions[0]).float().mean())
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def _gemma_pass(runner: nn.Module, windows: torch.Tensor) -> tuple[float, torch.Tensor]:
+    """(mean next-token NLL, argmax tokens [windows, positions])."""
+    total, count, argmax = 0.0, 0, []
+    with torch.no_grad():
+        for window in windows:
+            logits = primary_output(runner(input_ids=window[None], attention_mask=torch.ones_like(window[None])))[0]
+            total += nn.functional.cross_entropy(logits[:-1].float(), window[1:], reduction="sum").item()
+            count += len(window) - 1
+            argmax.append(logits.argmax(-1))
+    return total / count, torch.stack(argmax)
+
+
 def fmnist_task(args: argparse.Namespace) -> list[dict[str, Any]]:
     from compression.zoo.fmnist_resnet import export_fmnist_onnx, load_fashion_mnist
 
@@ -174,7 +224,7 @@ def fmnist_task(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows + sweep("fmnist", loaded.module, calib, evaluate, {})
 
 
-def tables(rows: list[dict[str, Any]], levels: dict[str, Any]) -> list[dict[str, Any]]:
+def tables(rows: list[dict[str, Any]], levels: dict[str, Any], gemma: dict | None = None) -> list[dict[str, Any]]:
     metric = {"minilm": ("cosine_mean", "lee50_spearman"), "fmnist": ("top1", None)}
     floats = {(r["task"], r["method"], r["setting"]): r for r in rows if r["zero_point"] == "float"}
     body = []
@@ -210,7 +260,19 @@ def tables(rows: list[dict[str, Any]], levels: dict[str, Any]) -> list[dict[str,
                     "with level 0", "Lee-50 Spearman", "speedup vs fp32 ONNX, batch 1 (95% interval)", "batch 32"],
         "rows": level_rows,
     }  # fmt: skip
-    return [first, second]
+    return [first, second, *([_gemma_table(gemma)] if gemma else [])]
+
+
+def _gemma_table(gemma: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "title": f"accuracy_level on Gemma-3-270M's exported ONNX (RTN W4 g64, integer zero points; {gemma['windows']} "
+        f"windows of {gemma['tokens_per_window']} lee_background tokens)",
+        "columns": ["accuracy_level", "perplexity", "argmax (next-token) agreement with level 0"],
+        "rows": [
+            [0, round(gemma["perplexity_level0"], 3), 1.0],
+            [4, round(gemma["perplexity_level4"], 3), round(gemma["argmax_agreement"], 4)],
+        ],
+    }
 
 
 def main() -> None:
@@ -220,10 +282,18 @@ def main() -> None:
     parser.add_argument("--skip-fmnist", action="store_true")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: no OpenMP stalls on a busy machine)")
     parser.add_argument("--retable", action="store_true", help="only rebuild the tables of the results file")
+    parser.add_argument("--gemma", default=None, help="Gemma-3-270M directory: only its accuracy_level part")
+    parser.add_argument("--gemma-windows", type=int, default=4)
     args = parser.parse_args()
+    if args.gemma:  # only the Gemma accuracy_level part, merged into the results file
+        payload = json.loads(RESULTS.read_text())
+        payload["gemma_accuracy_level"] = gemma_levels(args)
+        payload["tables"] = tables(payload["rows"], payload["accuracy_level"], payload["gemma_accuracy_level"])
+        RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
+        return
     if args.retable:
         payload = json.loads(RESULTS.read_text())
-        payload["tables"] = tables(payload["rows"], payload["accuracy_level"])
+        payload["tables"] = tables(payload["rows"], payload["accuracy_level"], payload.get("gemma_accuracy_level"))
         RESULTS.write_text(json.dumps(payload, indent=2) + "\n")
         return
     torch.set_num_threads(args.threads)
