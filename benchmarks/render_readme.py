@@ -74,11 +74,13 @@ def render_service(data: dict[str, Any]) -> str:
 
 
 def render_generic(data: dict[str, Any]) -> str:
-    table = data.get("table")
-    if not table:
+    """A `table`, or several `tables` (each with a `title`), then the `notes` as a list."""
+    tables = data.get("tables") or ([data["table"]] if data.get("table") else [])
+    if not tables:
         return "_no table in results_"
     notes = data.get("notes")
-    text = markdown_table(table["columns"], table["rows"])
+    parts = [(f"{t['title']}:\n\n" if t.get("title") else "") + markdown_table(t["columns"], t["rows"]) for t in tables]
+    text = "\n\n".join(parts)
     if notes:
         text += "\n\n" + "\n".join(f"- {n}" for n in (notes if isinstance(notes, list) else [notes]))
     return text

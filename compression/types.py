@@ -43,7 +43,8 @@ class QuantizedLayer:
     """One layer's weights as W = codes·S + Z, per output row and group of input columns.
 
     codes: signed integers in [-2^(b-1), 2^(b-1)-1], shape [out, in_flat] (int8).
-    scales, zeros: float [out, n_groups]; zeros are all 0 for symmetric quantizers.
+    scales, zeros: float [out, n_groups]; zeros are all 0 for symmetric quantizers, and -(zp·S) in float32 for
+    integer zero points (`integer_zero_points` gives zp; `zero_point_kind` says which form the layer has).
     orig_shape: the float weight's shape (Conv: out, in/groups, kh, kw).
     """
 
@@ -61,6 +62,19 @@ class QuantizedLayer:
         from compression.primitives.quant import dequantize  # the arithmetic lives with the quantizers
 
         return dequantize(self.codes, self.scales, self.zeros, self.group_size).reshape(self.orig_shape)
+
+    def integer_zero_points(self) -> torch.Tensor | None:
+        """Signed int8 zp `[out, n_groups]` with W = (codes − zp)·S exactly, or None for a float offset Z.
+        Unsigned (GPTQ / MatMulNBits) form: q = codes + 2^(b−1), zero point zp + 2^(b−1), both in [0, 2^b − 1]."""
+        from compression.primitives.quant import integer_zero_points
+
+        return integer_zero_points(self.scales, self.zeros, self.bits)
+
+    def zero_point_kind(self) -> str:
+        """ "none" (Z = 0, symmetric), "integer" (Z = −zp·S, zp an integer code) or "float" (a free offset)."""
+        if bool((self.zeros == 0).all()):
+            return "none"
+        return "integer" if self.integer_zero_points() is not None else "float"
 
 
 @dataclass

@@ -9,8 +9,9 @@ symmetric; to float32 rounding, (q - zp)·S vs c·S + Z, with an integer zero po
 
 - symmetric layers (Z = 0): q = c, scale = S, no zero point; every bit width 2, 3, 4, 8 (the format packs
   1..8 bits densely into int32), per group (`strategy: group`) or per channel (`strategy: channel`);
-- asymmetric layers only when every Z is an integer multiple of S (zp = -Z/S within the code range);
-  decoupleQ's and our min/max grids give free float offsets, so in practice they stay float.
+- integer zero-point layers (the quantizers' `zero_point: "integer"`, Z = -zp·S with zp in the code range,
+  `QuantizedLayer.integer_zero_points`): q = c, scale = S, `weight_zero_point` = zp, `symmetric: false`;
+  free float offsets (`zero_point: "float"`) have no compressed-tensors form and stay float.
 
 Every other quantized layer (a float offset Z, an embedding table, a non-Linear layer) is written with its
 dequantized float weights, listed in the config's `ignore` and named, with the reason, in the returned
@@ -34,17 +35,6 @@ from compression.types import CompressionResult, QuantizedLayer
 CHECKPOINT = "model.safetensors"
 # (q - zp)·S and our c·S + Z round differently by an ulp or so: the same codes, scale and zero point
 ROUNDING = 2.0**-20
-
-
-def _integer_zero_point(layer: QuantizedLayer) -> torch.Tensor | None:
-    """zp with Z = -zp·S exactly and zp inside the signed code range, or None."""
-    low, high = -(2 ** (layer.bits - 1)), 2 ** (layer.bits - 1) - 1
-    zp = torch.round(-layer.zeros.double() / layer.scales.double())
-    if not torch.equal((-zp * layer.scales.double()).float(), layer.zeros.float()):
-        return None
-    if zp.numel() and (zp.min() < low or zp.max() > high):
-        return None
-    return zp.to(torch.int8)
 
 
 def _args(layer: QuantizedLayer, symmetric: bool) -> Any:
@@ -78,7 +68,10 @@ def _decoded(tensors: dict[str, torch.Tensor], args: Any) -> torch.Tensor:
     return PackedQuantizationCompressor.decompress(dict(tensors), scheme)["weight"]
 
 
-FLOAT_OFFSET = "float zero offset Z (not an integer multiple of S): compressed-tensors zero points are integers"
+FLOAT_OFFSET = (
+    "float zero offset Z (not an integer multiple of S): compressed-tensors zero points are integers "
+    "(quantize with zero_point 'integer' or 'none' for a packed layer)"
+)
 
 
 def _decode_difference(tensors: dict[str, torch.Tensor], args: Any, want: torch.Tensor) -> tuple[float | None, str]:
@@ -102,7 +95,7 @@ def pack_layer(
     if layer.kind != "linear" or not isinstance(module, nn.Linear):
         return None, None, f"{layer.kind} layer: compressed-tensors checkpoints here pack Linear weights only"
     symmetric = bool((layer.zeros == 0).all())
-    zp = None if symmetric else _integer_zero_point(layer)
+    zp = None if symmetric else layer.integer_zero_points()
     if not symmetric and zp is None:
         return None, None, FLOAT_OFFSET
     args = _args(layer, symmetric)
@@ -124,7 +117,12 @@ def _quantization_config(groups: dict[str, tuple[Any, list[str]]], ignore: list[
     config = QuantizationConfig(
         config_groups=schemes, format="pack-quantized", quantization_status="compressed", ignore=sorted(ignore)
     )
-    return config.model_dump(mode="json", exclude_none=True)
+    dumped = config.model_dump(mode="json", exclude_none=True)
+    if any(not args.symmetric for args, _ in groups.values()):
+        # transformers cannot build asymmetric pack-quantized layers compressed (packed zero points, llm-compressor
+        # issue 1618): ask it to dequantize at load; vLLM and compressed-tensors ignore the key
+        dumped["dequantize"] = True
+    return dumped
 
 
 def _layer_tensors(

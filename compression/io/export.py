@@ -48,9 +48,9 @@ LIBRARIES = ("torch", "onnx", "onnxruntime", "safetensors", "numpy", "transforme
 
 @dataclass
 class ExportOptions:
-    # MatMulNBits accuracy_level: 0 = fp32 activations, exact (ORT output = the fake-quant model);
-    # 4 = int8 activations: much faster on large layers (K = N = 4096: 0.3 vs 50 ms), but ~1e-2
-    # relative error per layer (3.6 % on MiniLM's embeddings), and no faster on small layers.
+    # MatMulNBits accuracy_level (the job's from the quantizer config's `accuracy_level`): 0 = fp32 activations,
+    # exact (ORT output = the fake-quant model); 4 = int8 activations on the prepacked forms (integer or no zero
+    # points): faster on large layers, ~1e-2 relative error per layer (benchmarks/matmul_nbits.py).
     accuracy_level: int = 0
     use_matmul_nbits: bool = True
 

@@ -1,10 +1,16 @@
 """ONNX subgraphs for quantized weights.
 
 - `matmul_nbits_nodes`: Linear (Gemm/MatMul) at 2, 4 or 8 bits -> `com.microsoft.MatMulNBits` on
-  unsigned codes u = codes + 2^(b-1) with ORT's default zero point 2^(b-1), plus the float-Z term
-  `Σ_g Z[n,g]·Σ_(k∈g) A[m,k]` (a ReduceSum and a tiny MatMul) when Z != 0; at 2 bits, float zero
-  points 2^(b-1) − Z/S instead (ORT's faster path there, see FLOAT_ZERO_POINT_BITS). Per-channel layers use
-  a block of 16..128 columns with each row's S repeated over its blocks (exact).
+  unsigned codes u = codes + 2^(b-1), by the layer's zero-point form (`QuantizedLayer.zero_point_kind`):
+  symmetric: no zero_points input (ORT's default 2^(b-1)); integer: the packed uint8 `zero_points` input
+  (zp + 2^(b-1), b bits each, per row a little-endian bit stream padded to whole bytes: ORT's layout) — both
+  take ORT's prepacked kernels; float Z: ORT's default zero point plus the float-Z term
+  `Σ_g Z[n,g]·Σ_(k∈g) A[m,k]` (a ReduceSum and a tiny MatMul). At the widths in FLOAT_ZERO_POINT_BITS (2)
+  below accuracy_level 4, every form takes float zero points 2^(b-1) − Z/S instead: ORT's 2-bit prepacked
+  kernels compute in int8 only, and with fp32 activations they run 10-80x slower than the fp32 MatMul
+  where the float-zero-point loop runs ~2x slower (benchmarks/matmul_nbits.py, one token); at level 4 the
+  prepacked forms are 2.3-4.4x faster than fp32. Per-channel layers use a block of 16..128 columns with
+  each row's S (and zp) repeated over its blocks (exact).
 - `dequant_weight_nodes` ("option A", any op, any bits incl. 3): packed uint8 initializer unpacked
   in-graph with float Div/Floor/Mod (opset >= 10), scaled and offset per group, reshaped to the
   original weight layout. ORT constant-folds it at session creation: file small, compute fp32.
@@ -26,9 +32,10 @@ from compression.primitives.pack import pack_codes, padded_length
 from compression.types import QuantizedLayer
 
 MATMUL_NBITS_BITS = (2, 4, 8)
-# Measured by benchmarks/matmul_nbits.py (ORT 1.32, CPU, fp32 activations): at 2 bits float zero points are
-# ORT's faster path, at 4 bits the zero-term subgraph is (see the README table).
+# Measured by benchmarks/matmul_nbits.py (ORT 1.32, CPU): at 2 bits with fp32 activations float zero points are
+# ORT's faster path; at 4 bits, and at 2 bits with int8 activations, the prepacked forms are (README table).
 FLOAT_ZERO_POINT_BITS = (2,)
+INT8_ACCURACY_LEVEL = 4  # MatMulNBits quantizes activations to int8 (CPU int8 compute) at this level
 
 
 @dataclass
@@ -59,26 +66,22 @@ def matmul_nbits_nodes(
     y_name: str,
     prefix: str,
     *,
-    accuracy_level: int = 4,
-    zero_points: bool | None = None,
+    accuracy_level: int = 0,
+    use_float_zero_points: bool | None = None,
 ) -> Subgraph:
-    """Y = A · dequant(W)ᵀ for W [N, K] = codes·S + Z (bias is the caller's). `zero_points`: float zero
-    points instead of the zero-term subgraph (default: at the widths in FLOAT_ZERO_POINT_BITS)."""
+    """Y = A · dequant(W)ᵀ for W [N, K] = codes·S + Z (bias is the caller's). `use_float_zero_points`: float zero
+    points whatever the layer's form (default: at the widths in FLOAT_ZERO_POINT_BITS below INT8_ACCURACY_LEVEL)."""
     n_out, cols = layer.codes.shape
     block = nbits_block_size(layer)
     k_blocks = -(-cols // block)
+    if use_float_zero_points is None:  # 2-bit prepacked kernels compute in int8 only
+        use_float_zero_points = layer.bits in FLOAT_ZERO_POINT_BITS and accuracy_level < INT8_ACCURACY_LEVEL
+    scales, points = _scales_and_zero_points(layer, k_blocks, use_float_zero_points)
+    has_zero = layer.zero_point_kind() == "float" and not use_float_zero_points
     packed = packed_rows(layer, block).reshape(n_out, k_blocks, block * layer.bits // 8)
-    scales = layer.scales.float().expand(n_out, k_blocks) if not layer.group_size else layer.scales.float()
-    has_zero = bool(layer.zeros.abs().max() > 0)
-    inputs = [a_name, f"{prefix}_B", f"{prefix}_scales"]
-    extra = []
-    if zero_points is None:
-        zero_points = layer.bits in FLOAT_ZERO_POINT_BITS
-    if has_zero and zero_points:
-        scales, points = float_zero_points(layer, scales)
-        extra, has_zero = [_const(f"{prefix}_zero_points", points.numpy())], False
-        inputs.append(f"{prefix}_zero_points")
-    inits = [_const(f"{prefix}_B", packed), _const(f"{prefix}_scales", scales.numpy()), *extra]
+    inits = [_const(f"{prefix}_B", packed), _const(f"{prefix}_scales", scales.numpy())]
+    inputs = [a_name, f"{prefix}_B", f"{prefix}_scales", *([f"{prefix}_zero_points"] if points is not None else [])]
+    inits += [_const(f"{prefix}_zero_points", points.numpy())] if points is not None else []
     main_out = f"{prefix}_mm" if has_zero else y_name
     node = helper.make_node(
         "MatMulNBits",
@@ -92,12 +95,54 @@ def matmul_nbits_nodes(
         block_size=block,
         accuracy_level=accuracy_level,
     )
-    graph = Subgraph([node], inits)
-    if has_zero:
-        zero_term = _zero_correction(layer, a_name, prefix)
-        graph.nodes += [*zero_term.nodes, helper.make_node("Add", [main_out, f"{prefix}_zterm"], [y_name])]
-        graph.initializers += zero_term.initializers
-    return graph
+    if not has_zero:
+        return Subgraph([node], inits)
+    zero_term = _zero_correction(layer, a_name, prefix)
+    add = helper.make_node("Add", [main_out, f"{prefix}_zterm"], [y_name])
+    return Subgraph([node, *zero_term.nodes, add], [*inits, *zero_term.initializers])
+
+
+def _scales_and_zero_points(
+    layer: QuantizedLayer, k_blocks: int, use_float: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """MatMulNBits' scales [N, k_blocks] and zero_points input (None: ORT's default 2^(b−1)): float zero points
+    when `use_float`, packed uint8 for integer zero points, none for symmetric codes or a float Z (the caller
+    adds its correction subgraph)."""
+    n_out = layer.codes.shape[0]
+    scales = layer.scales.float().expand(n_out, k_blocks) if not layer.group_size else layer.scales.float()
+    if use_float:
+        return float_zero_points(layer, scales)
+    if layer.zero_point_kind() == "integer":
+        return scales, packed_zero_points(layer, k_blocks)
+    return scales, None
+
+
+def packed_zero_points(layer: QuantizedLayer, k_blocks: int) -> torch.Tensor:
+    """MatMulNBits' uint8 `zero_points` [N·ceil(k_blocks·b/8)]: zp + 2^(b−1) per block, packed like the codes."""
+    zero_points = layer.integer_zero_points()
+    assert zero_points is not None, f"{layer.name} has no integer zero points"
+    if not layer.group_size:
+        zero_points = zero_points.expand(-1, k_blocks)
+    return pack_codes(zero_points.contiguous(), layer.bits).reshape(-1)
+
+
+def matmul_nbits_levels(model: onnx.ModelProto) -> set[int]:
+    """The accuracy_level values of the graph's MatMulNBits nodes (empty: the graph has none)."""
+    return {
+        next((a.i for a in node.attribute if a.name == "accuracy_level"), 0)
+        for node in model.graph.node
+        if node.op_type == "MatMulNBits"
+    }
+
+
+def set_accuracy_level(model: onnx.ModelProto, level: int) -> int:
+    """Set accuracy_level on every MatMulNBits node in place; returns how many nodes there are."""
+    nodes = [node for node in model.graph.node if node.op_type == "MatMulNBits"]
+    for node in nodes:
+        kept = [a for a in node.attribute if a.name != "accuracy_level"]
+        del node.attribute[:]
+        node.attribute.extend([*kept, helper.make_attribute("accuracy_level", level)])
+    return len(nodes)
 
 
 def float_zero_points(layer: QuantizedLayer, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -393,7 +393,7 @@ def _pruning_scales(
 def _quantize_layer(run: _Run, name: str, pair: ChannelPair | None) -> None:
     layer = run.model.get_submodule(name)
     bits = run.config.bits
-    codes, scales, zeros = round_to_nearest(layer.weight.detach().flatten(1), bits, None, symmetric=True)
+    codes, scales, zeros = round_to_nearest(layer.weight.detach().flatten(1), bits, None, "none")
     weight_q = dequantize(codes, scales, zeros, None).reshape(layer.weight.shape).to(layer.weight.dtype)
     if run.config.compensation == "udfc" and pair is not None:
         gain, shift = _gain_shift(run, pair, layer)

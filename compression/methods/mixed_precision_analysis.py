@@ -137,7 +137,7 @@ def sensitivity_pass(
         holdout=state.holdout,
         quantizer=config.quantizer,
         group_size=config.group_size,
-        symmetric=config.symmetric,
+        zero_point=config.zero_point,
     )
     known = cache.load(key)
     what = (state.work, state.layers, state.measure, state.costs.candidates, state.weights.matrix)

@@ -24,7 +24,7 @@ from compression.types import Batches, QuantizedLayer
 
 def matrix_quantizer(config: MixedPrecisionConfig, bits: int) -> MatrixQuantizer:
     """(W, H) -> (codes, S, Z) at `bits` with the configured quantizer (library defaults otherwise)."""
-    group, sym = config.group_size, config.symmetric
+    group, sym = config.group_size, config.zero_point
 
     def quantize(weight: torch.Tensor, hessian: torch.Tensor | None) -> tuple:
         if config.quantizer == "rtn":

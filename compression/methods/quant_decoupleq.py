@@ -30,15 +30,18 @@ from compression.methods.quant_gptq import act_order_permutation, gptq_round
 from compression.primitives.hessian import damp, fix_dead_inputs, inverse_cholesky
 from compression.primitives.layers import matrix_to_weight
 from compression.primitives.quant import (
+    ZeroPoint,
     code_range,
     dequantize,
     expand_groups,
     group_view,
+    integer_zeros,
     minmax_params,
     num_groups,
     quantize,
     row_errors,
     shrink_search,
+    zero_point_mode,
 )
 from compression.primitives.sequential import BlockContext, block_output
 from compression.primitives.weight_quant import quantize_weights
@@ -90,6 +93,54 @@ def solve_scale_zero(
     return scale, torch.zeros_like(scale) if symmetric else torch.cat(zeros)
 
 
+def integer_scale_zero(
+    weight: torch.Tensor, codes: torch.Tensor, hessian: torch.Tensor, group_size: int | None, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The float step with integer zero points: per group the integer zp (`best_integer_zero_points`), then
+    the exact least-squares S of every group for those zp (codes − zp in place of the codes, no offset).
+    Returns float32 (S, Z = −zp·S); rows whose solve failed get NaN S."""
+    scales, zeros = solve_scale_zero(weight, codes, hessian, group_size)
+    zero_points = best_integer_zero_points(codes, hessian, group_size, bits, scales, zeros)
+    shifted = codes.double() - expand_groups(zero_points, codes.shape[1], group_size)
+    scale = solve_scale_zero(weight, shifted, hessian, group_size, symmetric=True)[0].float()
+    return scale, integer_zeros(scale, zero_points)
+
+
+def best_integer_zero_points(
+    codes: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int | None,
+    bits: int,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+) -> torch.Tensor:
+    """Per (row, group), floor or ceil of −Z*/S* (in the code range), whichever loses less with its closed-form
+    scale. (S*, Z*) is the exact least-squares optimum, where the gradient in each group's (S, Z) is zero, so
+    replacing group g's weights b = c·S* + Z* by s·(c − zp) raises the error by (u H_gg uᵀ), u = s·(c − zp) − b,
+    minimized by s = a H_gg bᵀ / a H_gg aᵀ (a = c − zp) to b H_gg bᵀ − (a H_gg bᵀ)² / a H_gg aᵀ. float64 [out, ng]."""
+    lo, hi = code_range(bits)
+    cols = codes.shape[1]
+    group, groups = group_size or cols, num_groups(cols, group_size)
+    hess = torch.zeros(groups * group, groups * group, dtype=torch.float64, device=codes.device)
+    hess[:cols, :cols] = hessian.to(codes.device, torch.float64)
+    index = torch.arange(groups, device=codes.device)
+    blocks = hess.view(groups, group, groups, group)[index, :, index, :]  # [ng, G, G]: H_gg
+    codes_g = group_view(codes.double(), group)
+    target = codes_g * scales.double()[..., None] + zeros.double()[..., None]
+    target_h = torch.einsum("rgi,gij->rgj", target, blocks)
+    start = (-zeros.double() / scales.double()).nan_to_num(0.0, posinf=0.0, neginf=0.0)
+    best_zp, best_loss = torch.zeros_like(start), torch.full_like(start, float("inf"))
+    for candidate in (start.floor(), start.ceil()):
+        candidate = candidate.clamp(lo, hi)
+        shifted = codes_g - candidate[..., None]
+        shifted_h = torch.einsum("rgi,gij->rgj", shifted, blocks)
+        aha, ahb = (shifted_h * shifted).sum(-1), (shifted_h * target).sum(-1)
+        loss = (target_h * target).sum(-1) - torch.where(aha > 0, ahb**2 / aha.clamp_min(1e-300), 0.0)
+        better = loss < best_loss
+        best_zp, best_loss = torch.where(better, candidate, best_zp), torch.where(better, loss, best_loss)
+    return best_zp
+
+
 def _solve_rows(system: torch.Tensor, rhs: torch.Tensor, tries: int = 3) -> torch.Tensor:
     """Batched solve; singular rows are retried with 1 % (then 10 %, ...) of their mean diagonal added."""
     solution, info = torch.linalg.solve_ex(system, rhs.unsqueeze(-1))
@@ -131,7 +182,7 @@ class _LayerProblem:
         fix_dead_inputs(gptq_hess, self.gptq_target)
         self.perm = act_order_permutation(gptq_hess, config["act_order"])
         self.inv_chol = inverse_cholesky(gptq_hess[self.perm][:, self.perm], config["damp_percent"]).float()
-        self.bits, self.group_size, self.symmetric = config["bits"], config["group_size"], config["symmetric"]
+        self.bits, self.group_size, self.zero_point = config["bits"], config["group_size"], config["zero_point"]
         self.integer_step_kind, self.pgd_steps = config["integer_step"], config["pgd_steps"]
         self.block_size = config["block_size"]
 
@@ -179,12 +230,15 @@ class _LayerProblem:
         return current
 
     def float_step(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        scales, zeros = solve_scale_zero(self.weight, codes, self.hessian, self.group_size, self.symmetric)
+        if self.zero_point == "integer":
+            return integer_scale_zero(self.weight, codes, self.hessian, self.group_size, self.bits)
+        symmetric = self.zero_point == "none"
+        scales, zeros = solve_scale_zero(self.weight, codes, self.hessian, self.group_size, symmetric)
         return scales.float(), zeros.float()
 
     def shrink_start(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(S, Z) from the H-weighted range-shrink grid search, refit in closed form on its rounding."""
-        scales, zeros = shrink_search(self.weight, self.bits, self.group_size, self.symmetric, self.hessian)
+        scales, zeros = shrink_search(self.weight, self.bits, self.group_size, self.zero_point, self.hessian)
         codes = quantize(self.weight, scales, zeros, self.bits, self.group_size)
         refit_s, refit_z = self.float_step(codes)
         ok = torch.isfinite(refit_s).all(1) & torch.isfinite(refit_z).all(1)
@@ -209,7 +263,7 @@ def decoupleq_quantize(
     hessian: torch.Tensor,
     bits: int,
     group_size: int | None,
-    symmetric: bool = False,
+    zero_point: ZeroPoint | bool = "float",
     iterations: int = 3,
     damp_percent: float = 0.01,
     act_order: bool = True,
@@ -217,19 +271,13 @@ def decoupleq_quantize(
     pgd_steps: int = 50,
     block_size: int = 128,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """decoupleQ's layer-wise stage on one `[out, d]` matrix; returns (codes, S, Z)."""
-    settings = {
-        "bits": bits,
-        "group_size": group_size,
-        "symmetric": symmetric,
-        "damp_percent": damp_percent,
-        "act_order": act_order,
-        "integer_step": integer_step,
-        "pgd_steps": pgd_steps,
-        "block_size": block_size,
-    }
+    """decoupleQ's layer-wise stage on one `[out, d]` matrix; returns (codes, S, Z). With zero_point 'integer'
+    every candidate (the min/max start, the shrink search, each float step) has Z = −zp·S, zp an integer."""
+    zero_point = zero_point_mode(zero_point)
+    settings = dict(bits=bits, group_size=group_size, zero_point=zero_point, damp_percent=damp_percent)
+    settings |= dict(act_order=act_order, integer_step=integer_step, pgd_steps=pgd_steps, block_size=block_size)
     problem = _LayerProblem(weight, hessian, settings)
-    scales, zeros = minmax_params(problem.weight, bits, group_size, symmetric)
+    scales, zeros = minmax_params(problem.weight, bits, group_size, zero_point)
     best = problem.solution(quantize(problem.weight, scales, zeros, bits, group_size), scales, zeros)
     best, _ = keep_better(best, problem.solution(problem.integer_step(scales, zeros), scales, zeros))
     rows = weight.shape[0]
@@ -265,12 +313,15 @@ def _trainable(values: torch.Tensor, device: torch.device, train: bool) -> torch
 class _BlockRefiner:
     """Trains S, Z of a block's quantized layers and its norm parameters against the float outputs."""
 
-    def __init__(self, context: BlockContext, symmetric: bool) -> None:
+    def __init__(self, context: BlockContext, zero_point: ZeroPoint) -> None:
         self.context = context
         layers = context.layers.items()
+        free = zero_point == "float"
         self.codes = {n: q.codes.to(m.weight.device) for n, (m, q) in layers}
         self.scales = {n: _trainable(q.scales, m.weight.device, True) for n, (m, q) in layers}
-        self.zeros = {n: _trainable(q.zeros, m.weight.device, not symmetric) for n, (m, q) in layers}
+        self.zeros = {n: _trainable(q.zeros, m.weight.device, free) for n, (m, q) in layers}
+        # integer zero points stay fixed: Z = −zp·S follows the trained S
+        self.zero_points = {} if zero_point != "integer" else {n: _zero_points(q, m) for n, (m, q) in layers}
         norm_params = [
             param
             for name, module in context.block.named_modules()
@@ -278,13 +329,17 @@ class _BlockRefiner:
             for param in module.parameters(recurse=False)
         ]
         self.norms = list({id(p): p for p in norm_params}.values())
-        self.trainable = [*self.scales.values(), *(self.zeros.values() if not symmetric else []), *self.norms]
+        self.trainable = [*self.scales.values(), *(self.zeros.values() if free else []), *self.norms]
+
+    def offsets(self, name: str) -> torch.Tensor:
+        zero_points = self.zero_points.get(name)
+        return self.zeros[name] if zero_points is None else integer_zeros(self.scales[name], zero_points)
 
     def loss(self, index: int) -> torch.Tensor:
         ctx = self.context
         overrides = {}
         for name, (module, layer) in ctx.layers.items():
-            matrix = dequantize(self.codes[name], self.scales[name], self.zeros[name], layer.group_size)
+            matrix = dequantize(self.codes[name], self.scales[name], self.offsets(name), layer.group_size)
             overrides[f"{ctx.local_name(name)}.weight"] = matrix_to_weight(module, matrix).to(module.weight.dtype)
         args, kwargs = ctx.inputs.args[index], ctx.inputs.kwargs[index]
         output = block_output(functional_call(ctx.block, overrides, args, kwargs))
@@ -302,6 +357,12 @@ class _BlockRefiner:
                     optimizer.zero_grad(set_to_none=True)
                     self.loss(index).backward()
                     optimizer.step()
+
+
+def _zero_points(layer: QuantizedLayer, module: nn.Module) -> torch.Tensor:
+    zero_points = layer.integer_zero_points()
+    assert zero_points is not None, f"{layer.name}: the layer-wise stage left a non-integer zero point"
+    return zero_points.to(module.weight.device, torch.float32)
 
 
 HOLDOUT_EVERY = 4  # every 4th calibration batch of a block is held out from its refinement
@@ -347,7 +408,7 @@ def _verdict(refiner: _BlockRefiner, mse: dict[str, float]) -> tuple[bool, str]:
 
 
 def refine_block(
-    context: BlockContext, lr: float, epochs: int, symmetric: bool, log: dict[str, Any]
+    context: BlockContext, lr: float, epochs: int, zero_point: ZeroPoint, log: dict[str, Any]
 ) -> dict[str, QuantizedLayer]:
     """decoupleQ's block-wise stage; returns the layers with new (S, Z) (none when it was rejected)."""
     fit, held = holdout_split(len(context.inputs.args))
@@ -356,7 +417,7 @@ def refine_block(
     if not fit:
         entry.update(kept=False, reason="one calibration batch: nothing left to fit after holding one out")
         return {}
-    refiner = _BlockRefiner(context, symmetric)
+    refiner = _BlockRefiner(context, zero_point)
     saved_norms = [p.detach().clone() for p in refiner.norms]
     mse = _train_and_measure(refiner, lr, epochs, fit, held)
     kept, reason = _verdict(refiner, mse)
@@ -366,10 +427,11 @@ def refine_block(
             for param, saved in zip(refiner.norms, saved_norms, strict=True):
                 param.copy_(saved)
         return {}
-    return {
-        name: replace(layer, scales=refiner.scales[name].detach().cpu(), zeros=refiner.zeros[name].detach().cpu())
-        for name, (_, layer) in context.layers.items()
-    }
+    with torch.no_grad():
+        return {
+            name: replace(layer, scales=refiner.scales[name].detach().cpu(), zeros=refiner.offsets(name).detach().cpu())
+            for name, (_, layer) in context.layers.items()
+        }
 
 
 def compress(
@@ -380,7 +442,7 @@ def compress(
         _quantize_matrix,
         bits=config.bits,
         group_size=config.group_size,
-        symmetric=config.symmetric,
+        zero_point=config.zero_point,
         iterations=config.iterations,
         damp_percent=config.damp_percent,
         act_order=config.act_order,
@@ -394,7 +456,7 @@ def compress(
             refine_block,
             lr=config.blockwise_lr,
             epochs=config.blockwise_epochs,
-            symmetric=config.symmetric,
+            zero_point=config.zero_point,
             log=log,
         )
     result = quantize_weights(
@@ -405,6 +467,7 @@ def compress(
     result.stats["blockwise_refinements"] = {"accepted": accepted, "rejected": len(log) - accepted}
     result.notes.append(
         f"decoupleQ: integer step '{config.integer_step}', {config.iterations} alternations, "
+        f"zero point: {config.zero_point}, "
         f"block-wise stage {'on' if refine else 'off'} ({accepted} of {len(log)} block refinements accepted: "
         f"every {HOLDOUT_EVERY}th calibration batch (at least one) held out, a refinement kept only when its "
         "held-out error dropped too)"

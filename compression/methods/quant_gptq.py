@@ -20,7 +20,7 @@ from torch import nn
 
 from compression.configs import GPTQConfig
 from compression.primitives.hessian import fix_dead_inputs, inverse_cholesky
-from compression.primitives.quant import code_range, expand_groups, minmax_params, num_groups
+from compression.primitives.quant import ZeroPoint, code_range, expand_groups, minmax_params, num_groups
 from compression.primitives.weight_quant import quantize_weights
 from compression.types import Batches, CompressionResult, ProgressFn
 
@@ -87,7 +87,7 @@ def gptq_quantize(
     hessian: torch.Tensor,
     bits: int,
     group_size: int | None,
-    symmetric: bool = False,
+    zero_point: ZeroPoint | bool = "float",
     damp_percent: float = 0.01,
     act_order: bool = True,
     block_size: int = 128,
@@ -104,12 +104,12 @@ def gptq_quantize(
         scales = work.new_ones(rows, groups)
         zeros = work.new_zeros(rows, groups)
     else:
-        scales, zeros = minmax_params(work, bits, group_size, symmetric)
+        scales, zeros = minmax_params(work, bits, group_size, zero_point)
     scale_cols = expand_groups(scales, work.shape[1], group_size)[:, perm].contiguous()
     zero_cols = expand_groups(zeros, work.shape[1], group_size)[:, perm].contiguous()
     refresh = None
     if dynamic:
-        refresh = partial(_refresh_group, scales, zeros, scale_cols, zero_cols, bits, group_size, symmetric)
+        refresh = partial(_refresh_group, scales, zeros, scale_cols, zero_cols, bits, group_size, zero_point)
     codes = gptq_round(
         work[:, perm],
         inv_chol,
@@ -130,11 +130,11 @@ def _refresh_group(
     zero_cols: torch.Tensor,
     bits: int,
     group_size: int,
-    symmetric: bool,
+    zero_point: ZeroPoint | bool,
     col: int,
     current: torch.Tensor,
 ) -> None:
-    group_scale, group_zero = minmax_params(current, bits, None, symmetric)
+    group_scale, group_zero = minmax_params(current, bits, None, zero_point)
     group = col // group_size
     scales[:, group], zeros[:, group] = group_scale[:, 0], group_zero[:, 0]
     scale_cols[:, col : col + current.shape[1]] = group_scale
@@ -149,14 +149,17 @@ def compress(
         _quantize_matrix,
         bits=config.bits,
         group_size=config.group_size,
-        symmetric=config.symmetric,
+        zero_point=config.zero_point,
         damp_percent=config.damp_percent,
         act_order=config.act_order,
         block_size=config.block_size,
     )
     result = quantize_weights(model, calib, config, quantize_matrix, needs_calibration=True, progress=progress)
     variant = "act-order, static groups" if config.act_order else "dynamic groups"
-    result.notes.append(f"GPTQ ({variant}), damping {config.damp_percent}, lazy batches of {config.block_size}")
+    result.notes.append(
+        f"GPTQ ({variant}), damping {config.damp_percent}, lazy batches of {config.block_size}, "
+        f"zero point: {config.zero_point}"
+    )
     return result
 
 

@@ -11,16 +11,16 @@ import torch
 from torch import nn
 
 from compression.configs import RTNConfig
-from compression.primitives.quant import round_to_nearest
+from compression.primitives.quant import ZeroPoint, round_to_nearest
 from compression.primitives.weight_quant import quantize_weights
 from compression.types import Batches, CompressionResult, ProgressFn
 
 
 def rtn_quantize(
-    weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool = False
+    weight: torch.Tensor, bits: int, group_size: int | None, zero_point: ZeroPoint | bool = "float"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(codes, S, Z) of one `[out, d]` matrix."""
-    return round_to_nearest(weight, bits, group_size, symmetric)
+    return round_to_nearest(weight, bits, group_size, zero_point)
 
 
 def compress(
@@ -29,8 +29,8 @@ def compress(
     """RTN every quantizable layer; the input model is untouched."""
 
     def quantize_matrix(weight: torch.Tensor, hessian: torch.Tensor | None) -> tuple:
-        return rtn_quantize(weight, config.bits, config.group_size, config.symmetric)
+        return rtn_quantize(weight, config.bits, config.group_size, config.zero_point)
 
     result = quantize_weights(model, calib, config, quantize_matrix, needs_calibration=False, progress=progress)
-    result.notes.append("round to nearest, min/max range per group")
+    result.notes.append(f"round to nearest, min/max range per group, zero point: {config.zero_point}")
     return result

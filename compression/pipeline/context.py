@@ -44,7 +44,6 @@ class JobSpec:
     benchmark_repeats: int = 2000  # most interleaved rounds (one call of each model) per batch size
     benchmark_budget_s: float = 10.0  # wall-time cap per model and batch size; rounds shrink to fit
     benchmark_threads: int | None = None  # ORT intra-op threads for timing; None: min(4, cores)
-    onnx_accuracy_level: int = 0  # MatMulNBits: 0 exact fp32 activations, 4 int8 activations (faster, lossy)
     max_memory_bytes: int | None = None  # the worker's per-job limit: a larger pre-flight estimate is refused
     archive_limits: ArchiveLimits = field(default_factory=ArchiveLimits)  # uploads unpack within these
     # The datasets' ids and content hashes: one dataset given for both roles is split, not reused.

@@ -6,21 +6,32 @@ one, in the sessions the benchmark then times): `fidelity.measured_on = "onnx"`.
 `fidelity.cross_check`, with how far their metric is from the artifact's. The export check compares the
 ONNX with the PyTorch model, and every other model artifact with the ONNX, at one tolerance; the gate
 reads it as its `export_check` (without a gate, a failed export check fails the job).
+
+When the compressed graph has MatMulNBits nodes, `fidelity.accuracy_level` measures what their accuracy_level
+costs: the same file with every node at the other setting (0 when the job ships 1-4, 4 when it ships 0) in one
+more ORT session on the evaluation batches, against the shipped one: argmax (top-1) agreement of the two
+outputs, and the task metric of each.
 """
 
 from __future__ import annotations
 
 import math
+import tempfile
+from pathlib import Path
 from typing import Any
 
+import onnx
 from torch import nn
 
 from compression.evaluate import compare_outputs, estimate_flops, layer_diagnosis
-from compression.evaluate.fidelity import spearman_metric
+from compression.evaluate.fidelity import metric_drop, spearman_metric
+from compression.evaluate.latency import make_session
 from compression.io import LoadedModel
 from compression.io.artifact_checks import EXPORT_TOLERANCE, check_artifacts, onnx_outputs
 from compression.io.data import read_pairs
 from compression.io.export import verify_onnx
+from compression.io.onnx_rewrite import matmul_nbits_levels, set_accuracy_level
+from compression.io.ort_model import OrtModel
 from compression.pipeline.context import JobError, JobSpec, Stages, example, to_device
 from compression.pipeline.export import Runtimes
 from compression.types import Batches, CompressionResult
@@ -59,11 +70,18 @@ def cross_check(onnx: dict[str, Any], torch_side: dict[str, Any]) -> dict[str, A
     }
 
 
-def export_check(runtimes: Runtimes, result: CompressionResult, artifacts: dict, eval_data: Batches) -> dict[str, Any]:
-    """The ONNX against the PyTorch model, and every other model artifact against the ONNX, on the same rows."""
+def export_check(
+    runtimes: Runtimes, result: CompressionResult, artifacts: dict, eval_data: Batches, exact: OrtModel | None = None
+) -> dict[str, Any]:
+    """The ONNX against the PyTorch model, and every other model artifact against the ONNX, on the same rows.
+    `exact`: the shipped graph with its MatMulNBits at accuracy_level 0, checked in its place when the job ships
+    int8 activations (their error is measured by `fidelity.accuracy_level`, not a wrong export)."""
     rows = example(eval_data, CHECK_ROWS)
-    check = verify_onnx(runtimes.compressed, result.model, rows)
-    others = check_artifacts(artifacts, onnx_outputs(runtimes.compressed, rows), rows, result)
+    graph = exact or runtimes.compressed
+    check = verify_onnx(graph, result.model, rows)
+    if exact is not None:
+        check["checked_at_accuracy_level"] = 0
+    others = check_artifacts(artifacts, onnx_outputs(graph, rows), rows, result)
     checked = [c for c in others.values() if c.get("checked", True)]
     errors = [c.get("max_rel_error") for c in (check, *checked)]
     worst = None if any(e is None for e in errors) else max(errors)
@@ -75,6 +93,77 @@ def export_check(runtimes: Runtimes, result: CompressionResult, artifacts: dict,
         "tolerance": EXPORT_TOLERANCE,
         "artifacts": others,
     }
+
+
+def _other_level_model(path: Path, spec: JobSpec) -> tuple[OrtModel, int, int] | None:
+    """(the shipped file at the other accuracy_level in an ORT session, shipped level, other level), or None
+    without MatMulNBits. The rewritten copy sits beside the shipped file (its external data resolve the same)
+    only until the session has read it."""
+    model = onnx.load(str(path), load_external_data=False)
+    levels = matmul_nbits_levels(model)
+    if not levels:
+        return None
+    shipped = max(levels)
+    other = 0 if shipped else 4
+    set_accuracy_level(model, other)
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=".accuracy-level-") as work:
+        copy = Path(work) / path.name
+        onnx.save_model(model, str(copy))
+        if any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer):
+            (Path(work) / f"{path.name}.data").symlink_to(path.parent / f"{path.name}.data")
+        session = make_session(copy, threads=spec.benchmark_threads)
+    return OrtModel(session, path), shipped, other
+
+
+def accuracy_level_effect(
+    runtimes: Runtimes,
+    opened: tuple[OrtModel, int, int],
+    loaded: LoadedModel,
+    eval_data: Batches,
+    pairs: list | None,
+    spec: JobSpec,
+    metric: dict,
+) -> dict[str, Any]:
+    """`fidelity.accuracy_level`: the shipped ONNX against itself at the other MatMulNBits accuracy_level
+    (`opened`: that model, the shipped level, the other level)."""
+    other_model, shipped, other = opened
+    agreement = compare_outputs(runtimes.compressed, other_model, eval_data, task=loaded.task)
+    if metric["name"] in ("accuracy", "perplexity"):  # measured on both outputs by the comparison itself
+        values = {shipped: agreement["metric"]["original"], other: agreement["metric"]["compressed"]}
+    else:  # a metric relative to the original model: the other level against the original
+        other_metric = _fidelity(runtimes.original, other_model, loaded, eval_data, pairs, spec)["metric"]
+        values = {shipped: metric["compressed"], other: other_metric["compressed"]}
+    cost = {"original": values[0], "compressed": values[max(values)]}
+    return {
+        "shipped": shipped,
+        "compared_with": other,
+        "what": f"the exported model with its MatMulNBits nodes at accuracy_level {other} instead of {shipped}, "
+        "run on the same evaluation batches in ONNX Runtime",
+        "top1_agreement": agreement["top1_agreement"],
+        "mean_cosine": agreement["mean_cosine"],
+        "sqnr_db": agreement["sqnr_db"],
+        "samples": agreement["samples"],
+        "metric": {
+            "name": metric["name"],
+            "by_level": {str(level): value for level, value in sorted(values.items())},
+            "drop_from_level_0": metric_drop({**cost, "higher_is_better": metric.get("higher_is_better", True)}),
+        },
+    }
+
+
+def _measure_accuracy_level(
+    runtimes: Runtimes, loaded: LoadedModel, eval_data: Batches, pairs: list | None, spec: JobSpec, fidelity: dict
+) -> OrtModel | None:
+    """Sets `fidelity.accuracy_level` (graphs with MatMulNBits); returns the level-0 twin of a graph shipped at
+    another level, for the export check."""
+    path = runtimes.compressed.path
+    opened = _other_level_model(Path(path), spec) if path is not None else None
+    if opened is None:
+        return None
+    fidelity["accuracy_level"] = accuracy_level_effect(
+        runtimes, opened, loaded, eval_data, pairs, spec, fidelity["metric"]
+    )
+    return opened[0] if opened[1] != 0 else None
 
 
 def _diagnosis(loaded: LoadedModel, result: CompressionResult, batches: Batches) -> tuple[dict, dict]:
@@ -102,6 +191,7 @@ def evaluate_stage(
         fidelity = _fidelity(runtimes.original, runtimes.compressed, loaded, eval_data, pairs, spec)
         fidelity["measured_on"] = "onnx"
         fidelity["onnx_provider"] = runtimes.compressed.provider
+        exact = _measure_accuracy_level(runtimes, loaded, eval_data, pairs, spec, fidelity)
         stages.report(0.4, "cross-checking against the PyTorch models")
         loaded.module.to(spec.device)
         result.model.to(spec.device)
@@ -113,7 +203,7 @@ def evaluate_stage(
         diagnosis, flops = _diagnosis(loaded, result, batches)
         loaded.module.cpu()
         result.model.cpu()
-        check = export_check(runtimes, result, artifacts, eval_data)
+        check = export_check(runtimes, result, artifacts, eval_data, exact)
     except JobError:
         raise
     except Exception as error:

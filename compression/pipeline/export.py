@@ -79,7 +79,7 @@ def export_stage(
             spec.work_dir / "artifacts",
             example=example(eval_data),
             manifest=_manifest(spec, config, data_section),
-            options=ExportOptions(accuracy_level=spec.onnx_accuracy_level),
+            options=ExportOptions(accuracy_level=getattr(config, "accuracy_level", 0)),
             write_graph=write_graph,
         )
         formats: dict[str, Any] = {"note": "the method ships its own ONNX graph; no serving format derives from it"}

@@ -4,16 +4,31 @@ Conventions shared by every quantizer in the library (and `compression.types.Qua
 - W is `[out, cols]`; a group is `group_size` consecutive input columns (the last one may be shorter);
   `group_size=None` means one group per row (per-channel).
 - codes are signed integers in `[-2^(b-1), 2^(b-1)-1]` (int8); S and Z are float `[out, n_groups]`.
-- Z is a free float offset in weight units (not an integer zero point); symmetric quantizers set Z = 0.
+- Z is an offset in weight units. `ZeroPoint` says what it may be: "float" a free float offset, "integer"
+  Z = -zp·S with an integer zero point zp in the code range (so W = (codes - zp)·S, the form ONNX Runtime's
+  prepacked MatMulNBits, GPTQ checkpoints and compressed-tensors store; Z is computed in float32 as
+  -(zp·S), so `integer_zero_points` recovers zp exactly), "none" Z = 0 (symmetric).
 """
 
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 
 from compression.types import QuantizedLayer
+
+ZeroPoint = Literal["float", "integer", "none"]
+
+
+def zero_point_mode(zero_point: ZeroPoint | bool) -> ZeroPoint:
+    """The mode of a `zero_point` argument; a bool is the older `symmetric` flag (True: "none", False: "float")."""
+    if isinstance(zero_point, bool):
+        return "none" if zero_point else "float"
+    if zero_point not in ("float", "integer", "none"):
+        raise ValueError(f"zero_point must be 'float', 'integer' or 'none', got {zero_point!r}")
+    return zero_point
 
 
 def code_range(bits: int) -> tuple[int, int]:
@@ -47,25 +62,55 @@ def minmax_params(
     weight: torch.Tensor,
     bits: int,
     group_size: int | None,
-    symmetric: bool,
+    zero_point: ZeroPoint | bool,
     shrink: torch.Tensor | float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(S, Z) `[out, n_groups]` spanning each group's range, optionally shrunk by `shrink` (broadcastable).
 
-    Asymmetric: the lowest code maps to min(w) and the highest to max(w).
-    Symmetric: Z = 0 and S = 2·max|w| / (2^b - 1), as GPTQ's symmetric grid does.
+    Asymmetric ("float"): the lowest code maps to min(w) and the highest to max(w).
+    "integer": the range is widened to include 0 (as GPTQ's grid does), then Z snapped to -zp·S.
+    Symmetric ("none"): Z = 0 and S = 2·max|w| / (2^b - 1), as GPTQ's symmetric grid does.
     """
+    mode = zero_point_mode(zero_point)
     lo, hi = code_range(bits)
     grouped = group_view(weight.float(), group_size, fill=float("nan"))
-    if symmetric:
+    if mode == "none":
         amax = grouped.abs().nan_to_num(0.0).amax(dim=-1) * shrink
         scale = (2 * amax / (hi - lo)).clamp_min(1e-12)
         return scale, torch.zeros_like(scale)
     wmin = grouped.nan_to_num(float("inf")).amin(dim=-1)
     wmax = grouped.nan_to_num(float("-inf")).amax(dim=-1)
+    if mode == "integer":
+        wmin, wmax = wmin.clamp_max(0.0), wmax.clamp_min(0.0)
     center, half = (wmax + wmin) / 2, (wmax - wmin) / 2 * shrink
     scale = (2 * half / (hi - lo)).clamp_min(1e-12)
-    return scale, center - half - lo * scale
+    zeros = center - half - lo * scale
+    return snap_zero_points(scale, zeros, bits) if mode == "integer" else (scale, zeros)
+
+
+def integer_zeros(scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
+    """Z = -(zp·S) in float32: the one place an integer zero point becomes an offset."""
+    return -(zero_points.float() * scales.float())
+
+
+def snap_zero_points(scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, Z) with Z moved to the nearest -zp·S, zp an integer in the code range (S unchanged, float32)."""
+    lo, hi = code_range(bits)
+    scales = scales.float()
+    zero_points = torch.round(-zeros.double() / scales.double()).nan_to_num(0.0).clamp(lo, hi)
+    return scales, integer_zeros(scales, zero_points)
+
+
+def integer_zero_points(scales: torch.Tensor, zeros: torch.Tensor, bits: int) -> torch.Tensor | None:
+    """Signed int8 zp `[out, n_groups]` with Z = -(zp·S) exactly (float32) and zp in the code range, else None.
+    All-zero Z gives zp = 0 (symmetric layers are integer layers with zp = 0)."""
+    lo, hi = code_range(bits)
+    zero_points = torch.round(-zeros.double() / scales.double()).nan_to_num(0.0)
+    if zero_points.numel() and (zero_points.min() < lo or zero_points.max() > hi):
+        return None
+    if not torch.equal(integer_zeros(scales, zero_points), zeros.float()):
+        return None
+    return zero_points.to(torch.int8)
 
 
 def quantize(
@@ -97,10 +142,10 @@ def dequantize_layer(layer: QuantizedLayer, device: torch.device | str | None = 
 
 
 def round_to_nearest(
-    weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, shrink: float = 1.0
+    weight: torch.Tensor, bits: int, group_size: int | None, zero_point: ZeroPoint | bool, shrink: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """RTN: min/max (S, Z) per group, then nearest codes. Returns (codes, S, Z)."""
-    scales, zeros = minmax_params(weight, bits, group_size, symmetric, shrink)
+    scales, zeros = minmax_params(weight, bits, group_size, zero_point, shrink)
     return quantize(weight, scales, zeros, bits, group_size), scales, zeros
 
 
@@ -116,7 +161,7 @@ def shrink_search(
     weight: torch.Tensor,
     bits: int,
     group_size: int | None,
-    symmetric: bool,
+    zero_point: ZeroPoint | bool,
     hessian: torch.Tensor | None = None,
     grid: int = 200,
     max_shrink: float = 0.8,
@@ -139,13 +184,13 @@ def shrink_search(
             offsets = [o for o in range(-coarse_step + 1, coarse_step) if o != 0]
             candidates = [(best_k + o).clamp(0, limit) for o in offsets]
         for k in candidates:
-            scales, zeros = minmax_params(weight, bits, group_size, symmetric, 1 - k / grid)
+            scales, zeros = minmax_params(weight, bits, group_size, zero_point, 1 - k / grid)
             approx = dequantize(quantize(weight, scales, zeros, bits, group_size), scales, zeros, group_size)
             err = row_errors(approx - weight.float(), hessian).to(best_err.dtype)
             better = err < best_err
             best_err = torch.where(better, err, best_err)
             best_k = torch.where(better[:, None], k, best_k)
-    return minmax_params(weight, bits, group_size, symmetric, 1 - best_k / grid)
+    return minmax_params(weight, bits, group_size, zero_point, 1 - best_k / grid)
 
 
 def sqnr_db(reference: torch.Tensor, approx: torch.Tensor) -> float:

@@ -125,7 +125,7 @@ def _quantize_extra(plan: LayerPlan, config: QuantizerFields) -> dict[str, Quant
     done = {}
     for name, (module, bits) in plan.rtn_extra.items():
         weight = get_weight_matrix(module).float()
-        codes, scales, zeros = round_to_nearest(weight, bits, config.group_size, config.symmetric)
+        codes, scales, zeros = round_to_nearest(weight, bits, config.group_size, config.zero_point)
         kind = layer_kind(module) or "linear"
         shape = tuple(weight.shape) if kind == "conv1d_hf" else tuple(module.weight.shape)
         done[name] = QuantizedLayer(name, kind, bits, config.group_size, codes.cpu(), scales.cpu(), zeros.cpu(), shape)

@@ -4,7 +4,6 @@ cannot hold are written dequantized and named with the reason."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import warnings
 from pathlib import Path
@@ -17,9 +16,8 @@ from safetensors import safe_open
 
 from compression.configs import RTNConfig
 from compression.io import ExportOptions, export_artifacts
-from compression.io.compressed_tensors_export import CHECKPOINT, write_compressed_tensors
+from compression.io.compressed_tensors_export import CHECKPOINT, FLOAT_OFFSET, write_compressed_tensors
 from compression.methods.quant_rtn import compress as rtn
-from compression.primitives.layers import set_weight_matrix
 from tests.compression.test_gguf_export import tiny_gemma3, tiny_llama
 
 warnings.filterwarnings("ignore")
@@ -84,39 +82,32 @@ def test_checkpoint_logits_match_the_onnx_artifact(tmp_path: Path) -> None:
 
 def test_float_offsets_are_written_dequantized_and_named(tmp_path: Path) -> None:
     loaded = tiny_llama(tmp_path / "llama")
-    result = rtn(loaded.module, None, RTNConfig(bits=4, group_size=32))  # asymmetric: free float Z
+    result = rtn(loaded.module, None, RTNConfig(bits=4, group_size=32, zero_point="float"))  # free float Z
     section = write_compressed_tensors(result, loaded.tokenizer, tmp_path / "ct")
     assert section["format"] == "float (no layer expressible)" and section["packed_layers"] == 0
-    assert set(section["float_layers"].values()) == {
-        "float (dequantized): float zero offset Z (not an integer multiple of S): compressed-tensors zero points "
-        "are integers"
-    }
+    assert set(section["float_layers"].values()) == {f"float (dequantized): {FLOAT_OFFSET}"}
     assert "quantization_config" not in json.loads((tmp_path / "ct" / "config.json").read_text())
     ids = torch.randint(0, 128, (2, 12))
     torch.testing.assert_close(_logits(_load(tmp_path / "ct"), ids), _logits(result.model, ids), rtol=0, atol=1e-6)
 
 
-def _integral_offsets(result, name: str):  # type: ignore[no-untyped-def]
-    """Give one layer zero points that are whole multiples of its scales (Z = -zp·S), weights to match."""
-    layer = result.quantized[name]
-    zp = torch.round(-layer.zeros / layer.scales).clamp(-8, 7)
-    layer = dataclasses.replace(layer, zeros=(-zp * layer.scales).float())
-    result.quantized[name] = layer
-    set_weight_matrix(result.model.get_submodule(name), layer.dequantize())
-    return layer
-
-
-def test_integer_zero_points_are_packed_with_a_zero_point(tmp_path: Path) -> None:
+@pytest.mark.parametrize("bits", [4, 8])
+def test_integer_zero_points_write_the_real_quantized_checkpoint(tmp_path: Path, bits: int) -> None:
+    """zero_point 'integer': every quantized Linear is packed with its zero points, transformers loads our weights."""
     loaded = tiny_llama(tmp_path / "llama")
-    result = rtn(loaded.module, None, RTNConfig(bits=4, group_size=32))
-    name = "model.model.layers.0.mlp.down_proj"
-    layer = _integral_offsets(result, name)
-    assert bool((layer.zeros != 0).any())
+    result = rtn(loaded.module, None, RTNConfig(bits=bits, group_size=32, zero_point="integer"))
+    assert all(layer.zero_point_kind() == "integer" for layer in result.quantized.values())
     section = write_compressed_tensors(result, loaded.tokenizer, tmp_path / "ct")
-    assert section["packed_layers"] == 1 and len(section["float_layers"]) == 13
-    assert section["layers"]["model.layers.0.mlp.down_proj"].startswith("4-bit group integer zero point")
+    assert section["packed_layers"] == len(result.quantized) and not section["float_layers"]
+    assert section["layers"]["model.layers.0.mlp.down_proj"].startswith(f"{bits}-bit group integer zero point")
+    config = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]
+    assert {group["weights"]["symmetric"] for group in config["config_groups"].values()} == {False}
     assert "model.layers.0.mlp.down_proj.weight_zero_point" in _keys(tmp_path / "ct")
-    model = _load(tmp_path / "ct")
+    assert config["dequantize"] is True  # plain from_pretrained cannot build packed zero points compressed
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "ct"), dtype=torch.float32).eval()
+    layer = result.quantized["model.model.layers.0.mlp.down_proj"]
     torch.testing.assert_close(model.model.layers[0].mlp.down_proj.weight, layer.dequantize(), rtol=0, atol=1e-7)
     ids = torch.randint(0, 128, (2, 12))
     torch.testing.assert_close(_logits(model, ids), _logits(result.model, ids), rtol=0, atol=1e-6)

@@ -55,10 +55,24 @@ def test_causal_lm_job_writes_compressed_tensors_and_gguf(tmp_path: Path) -> Non
 
 def test_float_offsets_and_no_float_dir_unless_asked(tmp_path: Path) -> None:
     tiny_llama(tmp_path / "llama")
-    report, artifacts = _run(tmp_path / "llama", tmp_path / "work", {"bits": 8, "group_size": 32})
+    config = {"bits": 8, "group_size": 32, "zero_point": "float"}
+    report, artifacts = _run(tmp_path / "llama", tmp_path / "work", config)
     assert "hf_float_dir" not in artifacts and {"hf_dir", "gguf"} <= set(artifacts)
     formats = report["export_check"]["formats"]
     assert formats["hf_dir"]["format"] == "float (no layer expressible)"
     assert len(formats["hf_dir"]["float_layers"]) == 14
     assert formats["gguf"]["types"] == {"F16": 16, "F32": 5}
     assert len(formats["gguf"]["stored_in_float"]) == 14
+
+
+def test_integer_zero_points_ship_packed_in_every_format(tmp_path: Path) -> None:
+    """The default zero_point ('integer'): hf_dir is the real pack-quantized checkpoint with zero points (the job's
+    artifact check loads it with plain transformers), GGUF stores the layers as Q4_1, and the report measures the
+    ONNX's MatMulNBits at the other accuracy_level."""
+    tiny_llama(tmp_path / "llama")
+    report, _ = _run(tmp_path / "llama", tmp_path / "work", {"bits": 4, "group_size": 32})
+    formats = report["export_check"]["formats"]
+    assert formats["hf_dir"]["packed_layers"] == 14 and not formats["hf_dir"]["float_layers"]
+    assert formats["gguf"]["types"]["Q4_1"] == 14
+    assert report["export_check"]["artifacts"]["hf_dir"]["passed"]
+    assert report["fidelity"]["accuracy_level"]["compared_with"] == 4

@@ -144,7 +144,7 @@ def test_skip_patterns_head_option_and_rtn_without_data(digits: tuple) -> None:
     assert set(result.quantized) == {"conv2", "fc"}
     assert result.skipped["conv1"] == result.skipped["conv3"] == "matches config.skip_layers"
     assert result.quantized["fc"].bits == 8
-    codes, scales, _ = rtn_quantize(get_weight_matrix(model.conv2).float(), 4, 16)
+    codes, scales, _ = rtn_quantize(get_weight_matrix(model.conv2).float(), 4, 16, RTNConfig().zero_point)
     assert torch.equal(result.quantized["conv2"].codes, codes) and torch.equal(result.quantized["conv2"].scales, scales)
     assert "rel_loss" not in result.stats["layers"]["conv2"]  # no data, no Hessian loss
 

@@ -60,7 +60,7 @@ def test_rtn_codes_in_range_and_dequantize_matches_quantized_layer(
 
 def test_asymmetric_grid_spans_each_group_exactly() -> None:
     weight = gaussian(4, 32) + 3.0  # a shifted range: min/max map to the end codes
-    scales, zeros = minmax_params(weight, 4, 16, symmetric=False)
+    scales, zeros = minmax_params(weight, 4, 16, "float")
     lo, hi = code_range(4)
     grouped = weight.view(4, 2, 16)
     torch.testing.assert_close(lo * scales + zeros, grouped.amin(-1))
