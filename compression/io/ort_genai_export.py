@@ -312,13 +312,17 @@ class GenaiLogits(nn.Module):
         folder = unzip_genai(path, Path(self._folder.name))
         decoder = json.loads((folder / "genai_config.json").read_text())["model"]["decoder"]
         self.head_size = int(decoder["head_size"])
+        # sliding-window layers want a cache buffer of at least the window, even when it starts empty
+        self.window = int(decoder.get("sliding_window", {}).get("window_size", 0))
         self.session = ort.InferenceSession(str(folder / decoder["filename"]), providers=["CPUExecutionProvider"])
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         ids = input_ids.cpu().numpy().astype(np.int64)
         mask = np.ones_like(ids) if attention_mask is None else attention_mask.cpu().numpy().astype(np.int64)
         feeds: dict[str, np.ndarray] = {"input_ids": ids, "attention_mask": mask}
+        capacity = max(ids.shape[1], self.window) if self.window else 0
         for spec in self.session.get_inputs():
             if spec.name.startswith("past_key_values."):
-                feeds[spec.name] = np.zeros((ids.shape[0], spec.shape[1], 0, self.head_size), dtype=np.float32)
+                shape = (ids.shape[0], spec.shape[1], capacity, self.head_size)
+                feeds[spec.name] = np.zeros(shape, dtype=np.float32)
         return torch.from_numpy(self.session.run(["logits"], feeds)[0])

@@ -168,6 +168,11 @@ def test_integer_zero_points_mixed_bits_and_per_channel_gemma3(tmp_path: Path) -
     got_tokens, got_logits = genai_greedy(folder, PROMPT, NEW_TOKENS)
     assert got_tokens == want_tokens
     assert np.abs(got_logits - want_logits).max() <= 1e-4 * np.abs(want_logits).max()
+    ids = torch.randint(0, 128, (2, 24))  # longer than the 16-token window
+    full = GenaiLogits(tmp_path / "genai.zip")(ids).numpy()
+    with torch.no_grad():
+        reference = model(input_ids=ids).numpy()
+    assert np.abs(full - reference).max() <= 1e-4 * np.abs(reference).max()
 
 
 @pytest.mark.parametrize(
