@@ -66,7 +66,7 @@ def build(args: argparse.Namespace, work: Path) -> tuple[Any, dict[str, Path], d
     record: dict[str, Any] = {"quantize_s": time.perf_counter() - started, "quantized_layers": len(result.quantized)}
     folders = {"fp32": work / "fp32"}
     started = time.perf_counter()
-    run_builder(args.gemma, folders["fp32"], "fp32", {"shared_embeddings": "false"})
+    run_builder(args.gemma, folders["fp32"], "fp32", {})
     record["build_fp32_s"] = time.perf_counter() - started
     for level in (0, 4):
         started = time.perf_counter()

@@ -181,7 +181,7 @@ def run_builder(source: Path, out_dir: Path, precision: str, options: dict[str, 
     root = str(Path(__file__).resolve().parents[2])  # the directory holding the `compression` package
     with tempfile.TemporaryDirectory(prefix="genai_cache_") as cache:
         command = [sys.executable, "-m", "compression.io.genai_builder", "-i", str(source), "-o", str(out_dir)]
-        command += ["-p", precision, "-e", "cpu", "-c", cache, "--extra_options", *extra]
+        command += ["-p", precision, "-e", "cpu", "-c", cache] + (["--extra_options", *extra] if extra else [])
         path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": path}
         done = subprocess.run(command, capture_output=True, text=True, timeout=BUILD_TIMEOUT_S, env=env, check=False)
@@ -250,12 +250,14 @@ def verify_weights(onnx_path: Path, layers: dict[str, QuantizedLayer]) -> dict[s
     return {"matmul_nbits": len(seen), "max_abs_diff": worst}
 
 
-def builder_options(settings: dict[str, tuple[int, int]], accuracy_level: int) -> dict[str, str]:
-    """Extra options: our MatMulNBits as they are (no builder quantization of the embedding or a float LM
-    head), q/k/v fused only when they share bits and block."""
+def builder_options(settings: dict[str, tuple[int, int]], accuracy_level: int, tied: bool) -> dict[str, str]:
+    """Extra options: our MatMulNBits as they are (the builder quantizes neither the embedding nor a float LM
+    head; a float head tied to the embedding stays one shared table), q/k/v fused only when they share bits
+    and block."""
     options = {"accuracy_level": str(accuracy_level), "shared_embeddings": "false", "op_types_to_quantize": "MatMul"}
     if "lm_head" not in settings:
-        options["nodes_to_exclude"] = "/lm_head/MatMul"
+        options["nodes_to_exclude"] = "/lm_head/MatMul,/model/embed_tokens/Gather"
+        options["shared_embeddings"] = str(tied).lower()
     layers = {name.rsplit(".", 2)[0] for name in settings if name != "lm_head"}
     qkv = [{settings.get(f"{layer}.self_attn.{p}_proj") for p in "qkv"} for layer in layers]
     if any(len(kinds) > 1 for kinds in qkv):
@@ -264,9 +266,13 @@ def builder_options(settings: dict[str, tuple[int, int]], accuracy_level: int) -
 
 
 def zip_folder(folder: Path, path: Path) -> None:
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+    """Text files deflated; the weights stored as they are (packed codes barely compress, and deflating a
+    gigabyte of floats takes minutes)."""
+    with zipfile.ZipFile(path, "w") as archive:
         for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-            archive.write(file, file.relative_to(folder).as_posix())
+            small = file.stat().st_size < 2**20 or file.suffix == ".json"
+            method = zipfile.ZIP_DEFLATED if small else zipfile.ZIP_STORED
+            archive.write(file, file.relative_to(folder).as_posix(), compress_type=method)
 
 
 def write_ort_genai(result: CompressionResult, tokenizer: Any, path: Path, accuracy_level: int = 0) -> dict[str, Any]:
@@ -276,7 +282,8 @@ def write_ort_genai(result: CompressionResult, tokenizer: Any, path: Path, accur
     with tempfile.TemporaryDirectory(prefix="ort_genai_") as work:
         source, built = Path(work) / "gptq", Path(work) / "genai"
         settings = write_gptq_dir(result, tokenizer, source)
-        run_builder(source, built, "int4", builder_options(settings, accuracy_level))
+        tied = bool(json.loads((source / "config.json").read_text()).get("tie_word_embeddings"))
+        run_builder(source, built, "int4", builder_options(settings, accuracy_level, tied))
         prefix = inner_model(result.model)[1]
         layers = {name.removeprefix(prefix): layer for name, layer in result.quantized.items()}
         check = verify_weights(built / "model.onnx", {name: layers[name] for name in settings})

@@ -34,7 +34,7 @@ def _original_folder(loaded: LoadedModel, work: Path) -> Path:
     """The uploaded model through the same builder at fp32 (float MatMul, same attention and cache ops)."""
     folder = work / "original"
     if not (folder / "genai_config.json").exists():
-        run_builder(Path(loaded.info["model_dir"]), folder, "fp32", {"shared_embeddings": "false"})
+        run_builder(Path(loaded.info["model_dir"]), folder, "fp32", {})
     return folder
 
 
