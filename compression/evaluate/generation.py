@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,37 +26,48 @@ from compression.evaluate.uncertainty import bootstrap_interval
 MIN_ROUNDS = 3
 
 
-def open_genai(folder: Path, threads: int | None = None) -> Any:
-    """og.Model of a GenAI folder on the CPU, `threads` intra-op threads, pool threads not spinning."""
+@dataclass
+class GenaiModel:
+    """An og.Model and its sliding window (0: none): a window layer's cache buffer must hold the window."""
+
+    model: Any
+    window: int
+
+
+def open_genai(folder: Path, threads: int | None = None) -> GenaiModel:
+    """A GenAI folder on the CPU, `threads` intra-op threads, pool threads not spinning."""
     import onnxruntime_genai as og
 
     config = og.Config(str(folder))
     options = {"intra_op_num_threads": intra_op_threads(threads), "inter_op_num_threads": 1}
     options["allow_spinning"] = "0"  # a string in genai_config.json
     config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-    return og.Model(config)
+    decoder = json.loads((Path(folder) / "genai_config.json").read_text())["model"]["decoder"]
+    return GenaiModel(og.Model(config), int(decoder.get("sliding_window", {}).get("window_size", 0)))
 
 
-def greedy_generator(model: Any, total_tokens: int) -> Any:
+def greedy_generator(genai: GenaiModel, total_tokens: int) -> Any:
+    """A greedy generator with room for `total_tokens` that never stops early at an end-of-sequence token."""
     import onnxruntime_genai as og
 
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=total_tokens, min_length=total_tokens)
-    return og.Generator(model, params)
+    length = max(total_tokens, genai.window)
+    params = og.GeneratorParams(genai.model)
+    params.set_search_options(do_sample=False, max_length=length, min_length=length)
+    return og.Generator(genai.model, params)
 
 
-def greedy_tokens(model: Any, prompt: list[int], new_tokens: int) -> list[int]:
-    """The `new_tokens` greedy tokens after `prompt` (no early stop at the end-of-sequence token)."""
-    generator = greedy_generator(model, len(prompt) + new_tokens)
+def greedy_tokens(genai: GenaiModel, prompt: list[int], new_tokens: int) -> list[int]:
+    """The `new_tokens` greedy tokens after `prompt`."""
+    generator = greedy_generator(genai, len(prompt) + new_tokens)
     generator.append_tokens(np.asarray([prompt], dtype=np.int32))
-    while not generator.is_done():
+    for _ in range(new_tokens):
         generator.generate_next_token()
     return [int(t) for t in generator.get_sequence(0)[len(prompt) :]]
 
 
-def timed_generation(model: Any, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+def timed_generation(genai: GenaiModel, prompt: list[int], new_tokens: int) -> tuple[float, float]:
     """(prefill seconds for the prompt, decode seconds for `new_tokens` single-token steps)."""
-    generator = greedy_generator(model, len(prompt) + new_tokens + 1)
+    generator = greedy_generator(genai, len(prompt) + new_tokens + 1)
     start = time.perf_counter()
     generator.append_tokens(np.asarray([prompt], dtype=np.int32))
     prefill = time.perf_counter() - start
@@ -66,7 +78,7 @@ def timed_generation(model: Any, prompt: list[int], new_tokens: int) -> tuple[fl
 
 
 def _rounds(
-    models: tuple[Any, Any], prompt: list[int], new_tokens: int, budget_s: float, max_rounds: int
+    models: tuple[GenaiModel, GenaiModel], prompt: list[int], new_tokens: int, budget_s: float, max_rounds: int
 ) -> np.ndarray:
     """(rounds, 2 models, 2 phases) seconds; even rounds run the original first."""
     for model in models:  # warm-up: first-call allocations and kernel selection

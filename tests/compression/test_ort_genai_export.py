@@ -15,6 +15,7 @@ import torch
 from onnx import TensorProto, helper
 
 from compression.configs import RTNConfig
+from compression.evaluate.generation import greedy_generator, greedy_tokens, open_genai
 from compression.io import load_model
 from compression.io.compressed_tensors_export import write_compressed_tensors
 from compression.io.errors import ExportError
@@ -95,13 +96,11 @@ def assert_weights_are_ours(folder: Path, result: CompressionResult) -> int:
 
 def genai_greedy(folder: Path, prompt: list[int], new_tokens: int) -> tuple[list[int], np.ndarray]:
     """onnxruntime-genai's greedy tokens after `prompt` and its last-position logits for the prompt."""
-    from compression.evaluate.generation import greedy_generator, open_genai
-
     model = open_genai(folder, threads=1)
     generator = greedy_generator(model, len(prompt) + new_tokens)
     generator.append_tokens(np.asarray([prompt], dtype=np.int32))
     logits = np.asarray(generator.get_logits()).reshape(-1)
-    while not generator.is_done():
+    for _ in range(new_tokens):
         generator.generate_next_token()
     return [int(t) for t in generator.get_sequence(0)[len(prompt) :]], logits
 
@@ -168,6 +167,8 @@ def test_integer_zero_points_mixed_bits_and_per_channel_gemma3(tmp_path: Path) -
     got_tokens, got_logits = genai_greedy(folder, PROMPT, NEW_TOKENS)
     assert got_tokens == want_tokens
     assert np.abs(got_logits - want_logits).max() <= 1e-4 * np.abs(want_logits).max()
+    short = greedy_tokens(open_genai(folder, threads=1), PROMPT[:3], 4)  # fewer tokens than the window
+    assert short == transformers_greedy(inner, PROMPT[:3], 4)[0]
     ids = torch.randint(0, 128, (2, 24))  # longer than the 16-token window
     full = GenaiLogits(tmp_path / "genai.zip")(ids).numpy()
     with torch.no_grad():
