@@ -24,6 +24,7 @@ weight: this check is what makes the artifact ours).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -127,12 +128,27 @@ def _projections(inner: nn.Module) -> list[str]:
     return [n for n, m in inner.named_modules() if isinstance(m, nn.Linear) and PROJECTION.match(n)]
 
 
+def _tied_head(inner: nn.Module, layers: dict[str, QuantizedLayer]) -> QuantizedLayer | None:
+    """The head of a model whose head is tied to a quantized embedding table: the table's codes (the same
+    matrix, [vocab, hidden]), so the head runs as MatMulNBits while the Gather keeps the float table."""
+    head, table = inner.get_output_embeddings(), inner.get_input_embeddings()
+    if head is None or table is None or head.weight is not table.weight:
+        return None
+    name = next((n for n, m in inner.named_modules() if m is table), None)
+    layer = layers.get(name or "")
+    if layer is None or layer.kind != "embedding":
+        return None
+    return dataclasses.replace(layer, kind="linear")
+
+
 def _quantized_by_hf_name(result: CompressionResult, inner: nn.Module, prefix: str) -> dict[str, QuantizedLayer]:
     layers = {name.removeprefix(prefix): layer for name, layer in result.quantized.items()}
     missing = [n for n in _projections(inner) if n not in layers]
     why = "every decoder projection must be quantized (the GPTQ reader takes no float one)"
     _check(not missing, f"{why}: {missing[:3]}")
-    return {n: layer for n, layer in layers.items() if PROJECTION.match(n) or n == "lm_head"}
+    chosen = {n: layer for n, layer in layers.items() if PROJECTION.match(n) or n == "lm_head"}
+    tied = None if "lm_head" in chosen else _tied_head(inner, layers)
+    return chosen if tied is None else {**chosen, "lm_head": tied}
 
 
 def _gptq_config(settings: dict[str, tuple[int, int]]) -> dict[str, Any]:
@@ -149,8 +165,11 @@ def _gptq_config(settings: dict[str, tuple[int, int]]) -> dict[str, Any]:
     return {"quant_method": "gptq", "bits": bits, "group_size": block, "desc_act": False, "dynamic": dynamic}
 
 
-def write_gptq_dir(result: CompressionResult, tokenizer: Any, out_dir: Path) -> dict[str, tuple[int, int]]:
-    """A GPTQ-format Hugging Face directory of our codes; returns {module name: (bits, block size)}."""
+def write_gptq_dir(
+    result: CompressionResult, tokenizer: Any, out_dir: Path
+) -> tuple[dict[str, tuple[int, int]], dict[str, QuantizedLayer]]:
+    """A GPTQ-format Hugging Face directory of our codes; returns ({module name: (bits, block size)}, the
+    layers written by module name)."""
     inner, prefix = inner_model(result.model)
     architecture = (getattr(inner.config, "architectures", None) or ["?"])[0]
     _check(architecture in ARCHITECTURES, f"{architecture} is not among the builder's mapped {sorted(ARCHITECTURES)}")
@@ -171,7 +190,7 @@ def write_gptq_dir(result: CompressionResult, tokenizer: Any, out_dir: Path) -> 
     (out_dir / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(out_dir))
-    return settings
+    return settings, layers
 
 
 def run_builder(source: Path, out_dir: Path, precision: str, options: dict[str, str]) -> None:
@@ -281,20 +300,20 @@ def write_ort_genai(result: CompressionResult, tokenizer: Any, path: Path, accur
     _check(importlib.util.find_spec("onnxruntime_genai") is not None, "onnxruntime-genai is not installed")
     with tempfile.TemporaryDirectory(prefix="ort_genai_") as work:
         source, built = Path(work) / "gptq", Path(work) / "genai"
-        settings = write_gptq_dir(result, tokenizer, source)
+        settings, layers = write_gptq_dir(result, tokenizer, source)
         tied = bool(json.loads((source / "config.json").read_text()).get("tie_word_embeddings"))
         run_builder(source, built, "int4", builder_options(settings, accuracy_level, tied))
-        prefix = inner_model(result.model)[1]
-        layers = {name.removeprefix(prefix): layer for name, layer in result.quantized.items()}
-        check = verify_weights(built / "model.onnx", {name: layers[name] for name in settings})
+        check = verify_weights(built / "model.onnx", layers)
         zip_folder(built, path)
         files = sorted(p.name for p in built.iterdir())
     kinds: dict[str, int] = {}
     for bits, block in settings.values():
         kinds[f"int{bits} block {block}"] = kinds.get(f"int{bits} block {block}", 0) + 1
+    head = layers.get("lm_head")
     return {
         "format": "onnxruntime-genai (model builder, GPTQ input of our codes)",
         "matmul_nbits": kinds,
+        "lm_head": "float" if head is None else "codes" if head.name.endswith("lm_head") else "the tied table's codes",
         "accuracy_level": accuracy_level,
         "weights_check": {"passed": True, **check},
         "files": files,

@@ -118,6 +118,7 @@ def test_llama_symmetric_4bit_greedy_equals_transformers_on_the_compressed_tenso
     result = rtn(loaded.module, None, RTNConfig(bits=4, group_size=32, symmetric=True))
     section = write_ort_genai(result, loaded.tokenizer, tmp_path / "genai.zip")
     assert section["matmul_nbits"] == {"int4 block 32": 14} and section["weights_check"]["max_abs_diff"] == 0.0
+    assert section["lm_head"] == "float"
     folder = unzip_genai(tmp_path / "genai.zip", tmp_path / "genai")
     assert {"genai_config.json", "model.onnx", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
@@ -189,6 +190,25 @@ def test_settings_without_a_genai_form_are_refused(tmp_path: Path, config: RTNCo
     with pytest.raises(ExportError, match=match):
         write_ort_genai(result, loaded.tokenizer, tmp_path / "genai.zip")
     assert not (tmp_path / "genai.zip").exists()
+
+
+def test_tied_head_runs_on_the_quantized_tables_codes(tmp_path: Path) -> None:
+    """Gemma-3's head is its embedding table: with the table quantized, the head is a MatMulNBits of the
+    table's codes and the Gather reads the dequantized table (both the compressed model's matrix)."""
+    loaded = with_tokenizer(tiny_gemma3, tmp_path / "gemma")
+    config = RTNConfig(bits=4, group_size=32, symmetric=True, quantize_embeddings=4)
+    result = rtn(loaded.module, None, config)
+    assert result.quantized["model.model.embed_tokens"].kind == "embedding"
+    section = write_ort_genai(result, loaded.tokenizer, tmp_path / "genai.zip")
+    assert section["lm_head"] == "the tied table's codes" and section["matmul_nbits"] == {"int4 block 32": 15}
+    folder = unzip_genai(tmp_path / "genai.zip", tmp_path / "genai")
+    weights = ort_weights(folder / "model.onnx")
+    table = result.quantized["model.model.embed_tokens"].dequantize().numpy()
+    np.testing.assert_allclose(weights["/lm_head/MatMulNBits"], table, rtol=0, atol=2.0**-20 * np.abs(table).max())
+    want_tokens, want_logits = transformers_greedy(result.model.model, PROMPT, NEW_TOKENS)
+    got_tokens, got_logits = genai_greedy(folder, PROMPT, NEW_TOKENS)
+    assert got_tokens == want_tokens
+    assert np.abs(got_logits - want_logits).max() <= 1e-4 * np.abs(want_logits).max()
 
 
 def test_a_float_projection_or_no_tokenizer_is_refused(tmp_path: Path) -> None:
