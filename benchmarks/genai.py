@@ -3,9 +3,11 @@
 The original is the model builder's fp32 folder of the cached fp32 directory (`benchmarks/gemma_cache.py`,
 outside the repository); the compressed one is `write_ort_genai` of a W4 result: RTN, symmetric, group 32
 (integer codes, Z = 0: a GPTQ-format input as it is; RTN keeps the quantization cheap on a 2-core machine;
-the timing does not depend on how the codes were found). Every decoder Linear is quantized; embeddings and
-the tied head stay float. Two MatMulNBits settings: accuracy_level 0 (fp32 activations: the exact artifact
-the job ships) and 4 (int8 activations, the builder's CPU default).
+the timing does not depend on how the codes were found). Every decoder Linear is quantized. Variants: the
+embedding table (= the tied head, 168M of the 268M parameters) float, at MatMulNBits accuracy_level 0
+(fp32 activations: what the job ships) and 4 (int8 activations, the builder's CPU default); and the table
+quantized too (`quantize_embeddings: 4`): the head then runs as MatMulNBits of the table's codes, the
+Gather reads the dequantized table.
 
 Per variant: greedy agreement with transformers on the compressed model (first 32 generated tokens after a
 real prompt), prefill tokens/s of a 512-token prompt and decode tokens/s of 32 steps at batch 1, original
@@ -59,44 +61,50 @@ def agreement(reference: list[int], got: list[int]) -> dict[str, Any]:
     return {"equal": reference == got, "first_difference": None if first == len(reference) else first}
 
 
+# name: (RTN config, MatMulNBits accuracy_level, what the table calls it)
+VARIANTS = {
+    "w4_l0": ({}, 0, "W4 RTN g32 sym, head float, accuracy_level 0"),
+    "w4_l4": ({}, 4, "W4 RTN g32 sym, head float, accuracy_level 4"),
+    "w4h_l0": ({"quantize_embeddings": 4}, 0, "W4 + table/head 4-bit codes, accuracy_level 0"),
+}
+
+
 def build(args: argparse.Namespace, work: Path) -> tuple[Any, dict[str, Path], dict[str, Any]]:
     loaded = load_model(args.gemma)
-    started = time.perf_counter()
-    result = rtn(loaded.module, None, RTNConfig(bits=4, group_size=32, symmetric=True))
-    record: dict[str, Any] = {"quantize_s": time.perf_counter() - started, "quantized_layers": len(result.quantized)}
-    folders = {"fp32": work / "fp32"}
+    folders, record, results = {"fp32": work / "fp32"}, {}, {}
     started = time.perf_counter()
     run_builder(args.gemma, folders["fp32"], "fp32", {})
     record["build_fp32_s"] = time.perf_counter() - started
-    for level in (0, 4):
+    for name, (extra, level, _) in VARIANTS.items():
+        key = json.dumps(extra, sort_keys=True)
+        if key not in results:
+            started = time.perf_counter()
+            results[key] = rtn(loaded.module, None, RTNConfig(bits=4, group_size=32, symmetric=True, **extra))
+            record[f"quantize_{name}_s"] = time.perf_counter() - started
         started = time.perf_counter()
-        section = write_ort_genai(result, loaded.tokenizer, work / f"w4_l{level}.zip", accuracy_level=level)
-        record[f"build_w4_l{level}_s"] = time.perf_counter() - started
-        record[f"w4_l{level}_section"] = section
-        folders[f"w4_l{level}"] = unzip_genai(work / f"w4_l{level}.zip", work / f"w4_l{level}")
-    return (loaded, result), folders, record
+        section = write_ort_genai(results[key], loaded.tokenizer, work / f"{name}.zip", accuracy_level=level)
+        record[name] = {"build_s": time.perf_counter() - started, "section": section}
+        folders[name] = unzip_genai(work / f"{name}.zip", work / name)
+    models = {name: results[json.dumps(extra, sort_keys=True)] for name, (extra, _, _) in VARIANTS.items()}
+    return (loaded, models), folders, record
 
 
 def measure(args: argparse.Namespace, models: Any, folders: dict[str, Path]) -> list[dict[str, Any]]:
-    loaded, result = models
+    loaded, results = models
     prompt = [loaded.tokenizer.bos_token_id, *loaded.tokenizer(PROMPT_TEXT, add_special_tokens=False)["input_ids"]]
-    reference = {
-        "fp32": transformers_greedy(loaded.module.model, prompt, args.new_tokens),
-        "w4": transformers_greedy(result.model.model, prompt, args.new_tokens),
-    }
     vocab = loaded.module.model.config.vocab_size
     rows = []
-    for name in ("w4_l0", "w4_l4"):
+    for name, result in results.items():
         timing = paired_generation(
             folders["fp32"], folders[name], prompt_tokens=512, new_tokens=args.new_tokens, vocab_size=vocab,
             threads=args.threads, budget_s=args.budget_s, max_rounds=args.max_rounds,
         )  # fmt: skip
+        reference = transformers_greedy(result.model.model, prompt, args.new_tokens)
         greedy = greedy_tokens(open_genai(folders[name], args.threads), prompt, args.new_tokens)
-        rows.append(
-            {"variant": name, "timing": timing, "greedy_vs_transformers_w4": agreement(reference["w4"], greedy)}
-        )
+        rows.append({"variant": name, "timing": timing, "greedy_vs_transformers": agreement(reference, greedy)})
+    reference = transformers_greedy(loaded.module.model, prompt, args.new_tokens)
     fp32 = greedy_tokens(open_genai(folders["fp32"], args.threads), prompt, args.new_tokens)
-    rows.append({"variant": "fp32", "greedy_vs_transformers_fp32": agreement(reference["fp32"], fp32)})
+    rows.append({"variant": "fp32", "greedy_vs_transformers": agreement(reference, fp32)})
     return rows
 
 
@@ -110,16 +118,15 @@ def table(rows: list[dict[str, Any]], sizes: dict[str, float]) -> dict[str, Any]
     out = []
     for row in (r for r in rows if "timing" in r):
         prefill, decode = row["timing"]["prefill"], row["timing"]["decode"]
-        level = row["variant"].removeprefix("w4_l")
         out.append(
             [
-                f"W4 RTN g32 sym, accuracy_level {level}",
+                VARIANTS[row["variant"]][2],
                 _cell(prefill, "original"), _cell(prefill, "compressed"),
                 f"{prefill['speedup']:.2f} [{prefill['speedup_ci95'][0]:.2f}, {prefill['speedup_ci95'][1]:.2f}]",
                 _cell(decode, "original"), _cell(decode, "compressed"),
                 f"{decode['speedup']:.2f} [{decode['speedup_ci95'][0]:.2f}, {decode['speedup_ci95'][1]:.2f}]",
                 f"{sizes['fp32']:.0f} → {sizes[row['variant']]:.0f}",
-                row["greedy_vs_transformers_w4"]["equal"],
+                row["greedy_vs_transformers"]["equal"],
             ]
         )  # fmt: skip
     columns = ["compressed model", "prefill tok/s fp32", "prefill tok/s W4", "prefill speedup"]
