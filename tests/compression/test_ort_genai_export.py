@@ -219,3 +219,22 @@ def test_a_float_projection_or_no_tokenizer_is_refused(tmp_path: Path) -> None:
     result.quantized.pop("model.model.layers.1.mlp.up_proj")
     with pytest.raises(ExportError, match=r"every decoder projection must be quantized.*layers\.1\.mlp\.up_proj"):
         write_ort_genai(result, loaded.tokenizer, tmp_path / "genai.zip")
+
+
+def test_blocks_and_gptq_packing_follow_the_layout() -> None:
+    """Per-channel on a width that is no power of two (Gemma's 640) -> the largest power-of-two block that
+    divides it; GPTQ qweight packs 8 codes per int32 down the input axis, lowest bits first, q = c + 8."""
+    from compression.io.ort_genai_export import block_size, gptq_tensors
+
+    codes = torch.randint(-8, 8, (16, 640), dtype=torch.int8)
+    layer = QuantizedLayer("w", "linear", 4, None, codes, torch.rand(16, 1) + 0.1, torch.zeros(16, 1), (16, 640))
+    assert block_size(layer, 640) == 128
+    assert block_size(QuantizedLayer("w", "linear", 4, 512, codes, *[torch.ones(16, 2)] * 2, (16, 640)), 640) == 128
+    tensors, block = gptq_tensors(layer, 640)
+    assert block == 128 and tensors["scales"].shape == (5, 16) and tensors["qweight"].shape == (80, 16)
+    assert torch.equal(tensors["scales"], layer.scales.T.expand(5, 16))
+    words = tensors["qweight"].to(torch.int64) & 0xFFFFFFFF
+    unpacked = torch.stack([(words >> (4 * i)) & 0xF for i in range(8)], dim=1).reshape(640, 16)
+    assert torch.equal(unpacked.T - 8, codes.to(torch.int64))
+    zeros = tensors["qzeros"].to(torch.int64) & 0xFFFFFFFF  # GPTQ v1 stores zp - 1 = 7
+    assert torch.equal(zeros, torch.full_like(zeros, int("77777777", 16)))
