@@ -2,8 +2,9 @@
 
 - The export check: the ONNX (in ONNX Runtime) against the PyTorch model it was exported from.
 - Every other model artifact against the ONNX, on the same inputs: the packed safetensors (its codes
-  unpacked and dequantized with the S and Z it stores, into the model's own layers) and the Hugging Face
-  directory (loaded back with `transformers`). The manifest is not a model and is not run.
+  unpacked and dequantized with the S and Z it stores, into the model's own layers), the Hugging Face
+  directory (loaded back with `transformers`) and the `ort_genai` decoder (run on the whole sequence with
+  an empty KV cache). The manifest is not a model and is not run.
 
 `max_rel_error` is max |got - want| / max |want| over every output; `passed` is `max_rel_error <=
 EXPORT_TOLERANCE`. Top-1 agreement and mean cosine are on the first (primary) output.
@@ -104,9 +105,16 @@ def _hf_dir_model(path: Path, result: CompressionResult) -> nn.Module:
     return load_hf_dir(Path(path)).module
 
 
+def _genai_model(path: Path, result: CompressionResult) -> nn.Module:
+    from compression.io.ort_genai_export import GenaiLogits
+
+    return GenaiLogits(Path(path))
+
+
 ARTIFACT_RUNNERS: dict[str, Callable[[Path, CompressionResult], nn.Module]] = {
     "safetensors": lambda path, result: load_packed_model(path, result.model),
     "hf_dir": _hf_dir_model,
+    "ort_genai": _genai_model,
 }
 
 

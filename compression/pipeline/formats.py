@@ -5,6 +5,9 @@
   quantized or nothing is expressible.
 - `hf_float_dir` (on request, `config.hf_float_dir`): the dequantized float directory.
 - `gguf` (causal LMs of a mapped architecture): llama.cpp's file (compression.io.gguf_export).
+- `ort_genai` (causal LMs the onnxruntime-genai model builder maps, every decoder projection quantized with
+  integer zero points at 2/4/8 bits): a zipped GenAI folder with a KV-cache decoder
+  (compression.io.ort_genai_export).
 
 Returns the artifact paths and the report section `formats`: per artifact, what each layer became and
 why; for a format not written, why not. The manifest lists every artifact written.
@@ -23,6 +26,7 @@ from compression.io.errors import ExportError
 from compression.io.export import sha256_file
 from compression.io.gguf_export import write_gguf
 from compression.io.hf import export_hf_dir
+from compression.io.ort_genai_export import write_ort_genai
 from compression.types import CompressionResult
 
 
@@ -53,6 +57,18 @@ def _gguf_artifact(result: CompressionResult, loaded: LoadedModel, out_dir: Path
     return path, {"written": True, **section}
 
 
+def _ort_genai_artifact(result: CompressionResult, loaded: LoadedModel, out_dir: Path) -> tuple[Path | None, dict]:
+    if loaded.task != "causal_lm":
+        return None, {"written": False, "why": f"written for causal LMs; this model is a {loaded.task}"}
+    path = out_dir / "model_genai.zip"
+    try:
+        section = write_ort_genai(result, loaded.tokenizer, path)
+    except ExportError as error:
+        path.unlink(missing_ok=True)
+        return None, {"written": False, "why": error.message}
+    return path, {"written": True, **section}
+
+
 def _list_in_manifest(manifest: Path, paths: dict[str, Path]) -> None:
     document = json.loads(manifest.read_text())
     for kind, path in paths.items():
@@ -68,7 +84,7 @@ def _list_in_manifest(manifest: Path, paths: dict[str, Path]) -> None:
 def serving_artifacts(
     result: CompressionResult, loaded: LoadedModel, out_dir: Path, config: MethodConfigBase, manifest: Path
 ) -> tuple[dict[str, Path], dict[str, Any]]:
-    """Write `hf_dir` (+ `hf_float_dir`) for Hugging Face uploads and `gguf` for causal LMs."""
+    """Write `hf_dir` (+ `hf_float_dir`) for Hugging Face uploads, `gguf` and `ort_genai` for causal LMs."""
     paths: dict[str, Path] = {}
     formats: dict[str, Any] = {}
     if loaded.format == "hf_dir":
@@ -79,5 +95,8 @@ def serving_artifacts(
     gguf_path, formats["gguf"] = _gguf_artifact(result, loaded, out_dir)
     if gguf_path is not None:
         paths["gguf"] = gguf_path
+    genai_path, formats["ort_genai"] = _ort_genai_artifact(result, loaded, out_dir)
+    if genai_path is not None:
+        paths["ort_genai"] = genai_path
     _list_in_manifest(manifest, paths)
     return paths, formats
