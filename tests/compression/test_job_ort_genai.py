@@ -20,7 +20,8 @@ warnings.filterwarnings("ignore")
 
 def test_causal_lm_job_ships_ort_genai_and_reports_generation_speed(tmp_path: Path) -> None:
     with_tokenizer(tiny_llama, tmp_path / "llama")
-    report, artifacts = _run(tmp_path / "llama", tmp_path / "work", {"bits": 4, "group_size": 32, "symmetric": True})
+    # the default zero points (integer) map onto GPTQ's qzeros
+    report, artifacts = _run(tmp_path / "llama", tmp_path / "work", {"bits": 4, "group_size": 32})
     assert artifacts["ort_genai"].name == "model_genai.zip"
     section = report["export_check"]["formats"]["ort_genai"]
     assert section["written"] is True and section["matmul_nbits"] == {"int4 block 32": 14}
@@ -41,7 +42,8 @@ def test_causal_lm_job_ships_ort_genai_and_reports_generation_speed(tmp_path: Pa
 
 def test_float_offsets_say_why_no_ort_genai(tmp_path: Path) -> None:
     with_tokenizer(tiny_llama, tmp_path / "llama")
-    report, artifacts = _run(tmp_path / "llama", tmp_path / "work", {"bits": 4, "group_size": 32})
+    config = {"bits": 4, "group_size": 32, "zero_point": "float"}
+    report, artifacts = _run(tmp_path / "llama", tmp_path / "work", config)
     assert "ort_genai" not in artifacts
     assert "float zero offset Z" in report["export_check"]["formats"]["ort_genai"]["why"]
     assert report["latency"]["generation"]["measured"] is False

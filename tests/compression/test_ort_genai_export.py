@@ -115,7 +115,7 @@ def transformers_greedy(model, prompt: list[int], new_tokens: int) -> tuple[list
 
 def test_llama_symmetric_4bit_greedy_equals_transformers_on_the_compressed_tensors_checkpoint(tmp_path: Path) -> None:
     loaded = with_tokenizer(tiny_llama, tmp_path / "llama")
-    result = rtn(loaded.module, None, RTNConfig(bits=4, group_size=32, symmetric=True))
+    result = rtn(loaded.module, None, RTNConfig(bits=4, group_size=32, zero_point="none"))
     section = write_ort_genai(result, loaded.tokenizer, tmp_path / "genai.zip")
     assert section["matmul_nbits"] == {"int4 block 32": 14} and section["weights_check"]["max_abs_diff"] == 0.0
     assert section["lm_head"] == "float"
@@ -140,8 +140,7 @@ def test_llama_symmetric_4bit_greedy_equals_transformers_on_the_compressed_tenso
 def _integer_zero_point_layer(name: str, module: torch.nn.Linear, bits: int, group: int | None) -> QuantizedLayer:
     """An asymmetric layer whose offset is an integer number of steps (Z = -zp·S), the model set to it."""
     weight = module.weight.detach()
-    scales, zeros = minmax_params(weight, bits, group, symmetric=False)
-    zeros = -torch.round(-zeros / scales) * scales
+    scales, zeros = minmax_params(weight, bits, group, "integer")
     codes = quantize(weight, scales, zeros, bits, group)
     set_weight_matrix(module, dequantize(codes, scales, zeros, group))
     return QuantizedLayer(name, "linear", bits, group, codes, scales, zeros, tuple(weight.shape))
@@ -180,8 +179,8 @@ def test_integer_zero_points_mixed_bits_and_per_channel_gemma3(tmp_path: Path) -
 @pytest.mark.parametrize(
     ("config", "match"),
     [
-        (RTNConfig(bits=4, group_size=32), "float zero offset Z"),
-        (RTNConfig(bits=3, group_size=32, symmetric=True), "3-bit"),
+        (RTNConfig(bits=4, group_size=32, zero_point="float"), "float zero offset Z"),
+        (RTNConfig(bits=3, group_size=32, zero_point="none"), "3-bit"),
     ],
 )
 def test_settings_without_a_genai_form_are_refused(tmp_path: Path, config: RTNConfig, match: str) -> None:
@@ -196,7 +195,7 @@ def test_tied_head_runs_on_the_quantized_tables_codes(tmp_path: Path) -> None:
     """Gemma-3's head is its embedding table: with the table quantized, the head is a MatMulNBits of the
     table's codes and the Gather reads the dequantized table (both the compressed model's matrix)."""
     loaded = with_tokenizer(tiny_gemma3, tmp_path / "gemma")
-    config = RTNConfig(bits=4, group_size=32, symmetric=True, quantize_embeddings=4)
+    config = RTNConfig(bits=4, group_size=32, zero_point="none", quantize_embeddings=4)
     result = rtn(loaded.module, None, config)
     assert result.quantized["model.model.embed_tokens"].kind == "embedding"
     section = write_ort_genai(result, loaded.tokenizer, tmp_path / "genai.zip")
@@ -213,7 +212,7 @@ def test_tied_head_runs_on_the_quantized_tables_codes(tmp_path: Path) -> None:
 
 def test_a_float_projection_or_no_tokenizer_is_refused(tmp_path: Path) -> None:
     loaded = with_tokenizer(tiny_llama, tmp_path / "llama")
-    result = rtn(loaded.module, None, RTNConfig(bits=4, group_size=32, symmetric=True))
+    result = rtn(loaded.module, None, RTNConfig(bits=4, group_size=32, zero_point="none"))
     with pytest.raises(ExportError, match="tokenizer"):
         write_ort_genai(result, None, tmp_path / "genai.zip")
     result.quantized.pop("model.model.layers.1.mlp.up_proj")
