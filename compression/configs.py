@@ -147,9 +147,21 @@ class PruneStructuredConfig(MethodConfigBase):
     )
     method: Literal["prune_structured"] = "prune_structured"
     target: PruneTarget = Field(default_factory=PruneTarget)
-    importance: Literal["l1", "l2", "bn_scale", "taylor", "activation"] = "l1"
-    recovery: Literal["none", "bn_recalibration", "distillation"] = "bn_recalibration"
-    global_pruning: bool = False
+    importance: Literal["l1", "l2", "bn_scale", "taylor", "activation"] = Field(
+        "activation",
+        description="How units are scored: weight norms (l1, l2), BatchNorm scales, first-order Taylor on the "
+        "labels, or the calibration activations' mean magnitude (activation).",
+    )
+    recovery: Literal["none", "bn_recalibration", "distillation"] = Field(
+        "bn_recalibration",
+        description="After pruning: nothing, BatchNorm statistics re-estimated on the calibration data, or "
+        "distillation from the original (until the held-out loss stops improving, within the time budget).",
+    )
+    global_pruning: bool | None = Field(
+        None,
+        description="Rank units across layers (true) or prune every layer by the same ratio (false); null: "
+        "global for convolutional networks, per layer for transformers.",
+    )
     round_to: int = Field(8, ge=1, le=128, description="Round kept channel counts to a multiple of this.")
     distillation_steps: int = Field(
         5000, ge=1, le=1_000_000, description="Most distillation steps (one calibration batch each)."

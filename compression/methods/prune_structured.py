@@ -81,6 +81,12 @@ class _State:
     def example(self) -> dict[str, Any]:
         return self.calib.inputs[0]
 
+    @property
+    def global_ranking(self) -> bool:
+        """config.global_pruning; unset: global for convolutional networks, per layer for transformers."""
+        chosen = self.config.global_pruning
+        return not self.transformer if chosen is None else chosen
+
     def protected(self, name: str) -> bool:
         return matches_any(name, self.config.skip_layers)
 
@@ -200,7 +206,7 @@ def _prune_step(work: nn.Module, state: _State, metric: str, target: float, shar
         scores = score_groups(state.importance, scan.groups)
         planner = _Planner(scan.groups, scores, state, measure_costs(work, state.example), metric)
         # Transformers keep one ratio for every layer (uniform sizes reload natively) unless ranked globally.
-        final = planner.search(target, refine=state.config.global_pruning or not state.transformer)
+        final = planner.search(target, refine=state.global_ranking or not state.transformer)
         keeps = [planner.partway(index, keep, share) for index, keep in enumerate(final)]
         removals = planner.removals(keeps)
         if state.transformer:
@@ -226,11 +232,10 @@ class _Planner:
     metric: str
 
     def __post_init__(self) -> None:
-        config = self.state.config
         self.options = [self._keep_options(g) for g in self.groups]
         self.set_scores = [_tied_scores(g, s) for g, s in zip(self.groups, self.scores, strict=True)]
         self.units_now = sum(g.size for g in self.groups)
-        self.global_ranking = config.global_pruning
+        self.global_ranking = self.state.global_ranking
         top = max((float(s.max()) for s in self.scores if s.numel()), default=1.0)
         self.high = top * 1.001 + 1e-9 if self.global_ranking else 1.0
         self.cache: dict[tuple[int, int], list[int]] = {}
@@ -407,7 +412,7 @@ def _result(
         "channels": _channels(original, work),
         "heads": _heads(original, work),
         "importance": state.importance.name,
-        "global_pruning": config.global_pruning,
+        "global_pruning": state.global_ranking,
         "steps": state.steps,
         "pruning_history": state.history,
         "recovery": recovery,
@@ -451,7 +456,7 @@ def _heads(original: nn.Module, work: nn.Module) -> dict[str, list[int]]:
 
 def _notes(state: _State, stats: dict[str, Any], hf: dict[str, Any]) -> list[str]:
     config = state.config
-    ranking = "global ranking" if config.global_pruning else "per-layer ratio"
+    ranking = "global ranking" if state.global_ranking else "per-layer ratio"
     notes = [
         f"importance {state.importance.name}, {ranking}, {len(state.steps)} pruning step(s); kept channel "
         f"and neuron counts rounded to multiples of {config.round_to}, at most "
