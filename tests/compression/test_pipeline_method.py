@@ -9,11 +9,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import torch
 from pydantic import ValidationError
+from torch import nn
 
 from compression import registry
 from compression.configs import PipelineConfig, parse_config
 from compression.job import JobSpec, run_job
+from compression.types import Batches
 from compression.zoo.fmnist_resnet import export_fmnist_onnx, load_fashion_mnist
 
 warnings.filterwarnings("ignore")
@@ -46,6 +49,32 @@ def test_built_in_graph_writers_are_declared_on_their_config_classes() -> None:
         spec = registry.get_spec(key)
         assert (spec.write_onnx is not None) == spec.config_class.ships_own_graph, key
     assert registry.get_spec("pipeline").onnx_writer(PipelineConfig()) is registry.get_spec("quant_int8").write_onnx
+
+
+def test_library_call_runs_each_step_on_the_previous_model() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 16, 3), nn.BatchNorm2d(16), nn.ReLU(), nn.Conv2d(16, 8, 3)).eval()
+
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = model
+
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            return self.body(image).mean((2, 3))
+
+    calib = Batches([{"image": torch.randn(8, 1, 12, 12)} for _ in range(2)])
+    steps = [
+        {"method": "prune_structured", "config": {"target": {"metric": "ratio", "reduction": 0.5}, "round_to": 1}},
+        {"method": "quant_rtn", "config": {"bits": 8, "group_size": None}},
+    ]
+    result = registry.compress(Keyword().eval(), calib, parse_config("pipeline", {"steps": steps}))
+    prune, rtn = result.stats["steps"]
+    assert prune["report_section"]["channels"]["body.0"] == [16, 8]
+    assert prune["flops_per_sample"] < result.stats["flops_per_sample_before"]
+    assert rtn["flops_per_sample"] == prune["flops_per_sample"] and rtn["quantized_layers"] == 2
+    assert result.quantized["body.0"].codes.shape[0] == 8  # quantized after pruning: the pruned shapes
+    assert rtn["size_bytes"] < prune["size_bytes"]
 
 
 @pytest.fixture(scope="module")
