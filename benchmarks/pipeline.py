@@ -82,6 +82,8 @@ def run_job(name: str, data: tuple[Path, Path, Path], url: str, key: str, tmp: P
     result: dict[str, Any] = {"case": name, "method": method, "config": config, "exit_code": code}
     result.update(wall_s=round(seconds, 1), cli_log_tail=log.read_text().splitlines()[-15:])
     if report is not None:
+        # the whole report stays readable after the run (the results keep a summary)
+        (Path(tempfile.gettempdir()) / f"modelpress-pipeline-{name}-report.json").write_text(json.dumps(report))
         result["report"] = summarize(report)
         result["latency_b64"] = batch64(model, next((out / "artifacts").glob("*.onnx")), test)
     return result
@@ -110,7 +112,7 @@ def _recovery(stats: dict[str, Any]) -> dict[str, Any] | None:
 
 def summarize(report: dict[str, Any]) -> dict[str, Any]:
     metric, latency = report["fidelity"]["metric"], report["latency"]
-    steps = report["stats"].get("steps")
+    steps = report["stats"]["steps"] if report["method"] == "pipeline" else []
     return {
         "top1_original": metric["original"],
         "top1_compressed": metric["compressed"],
@@ -119,9 +121,7 @@ def summarize(report: dict[str, Any]) -> dict[str, Any]:
         "onnx_bytes": [report["original"]["size_bytes"], report["compressed"]["size_bytes"]],
         "service_speedup_by_batch": latency["speedup_by_batch"],
         "recovery": _recovery(report["stats"]),
-        "steps": [
-            {k: s[k] for k in ("method", "seconds", "params", "size_bytes", "flops_per_sample")} for s in steps or []
-        ],
+        "steps": [{k: s[k] for k in ("method", "seconds", "params", "size_bytes", "flops_per_sample")} for s in steps],
         "data": {k: report["data"][k] for k in ("calibration", "method_data", "notes")},
         "timings_s": report["timings_s"],
         "gate": report["gate"],
