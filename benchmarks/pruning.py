@@ -137,7 +137,14 @@ def resnet_benchmark(quick: bool, threads: int) -> dict[str, Any]:
     data = (model, calib, images, labels)
     base = top1(model, images, labels)
     print(f"ResNet fp32 top-1 {base:.4f} on {len(labels)} test images", flush=True)
-    distill = {"recovery": "distillation", "distillation_steps": steps, "distillation_lr": 3e-3}
+    # a fixed number of steps: no time budget, no early stop (the service's defaults: benchmarks/pipeline.py)
+    distill = {
+        "recovery": "distillation",
+        "distillation_steps": steps,
+        "distillation_lr": 3e-3,
+        "distillation_time_budget_s": 86_400,
+        "distillation_patience": 1000,
+    }
     variants: dict[str, dict[str, Any]] = {
         "magnitude_none": BASELINE,
         "ours_none": {**OURS, "recovery": "none"},

@@ -7,9 +7,22 @@ against these models and never imports torch.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, ClassVar, Literal, get_args
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StringConstraints,
+    Tag,
+    TypeAdapter,
+    WithJsonSchema,
+    create_model,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
 Bits = Literal[2, 3, 4, 8]
 DATA_KINDS: tuple[str, ...] = ("npz", "text")  # dataset kinds an upload can be (app.core.inspect)
@@ -40,6 +53,9 @@ class MethodConfigBase(_Inert):
     summary: ClassVar[str] = ""
     # True: Hessians, sensitivity sweeps or training, which run much faster on a GPU (job routing: `gpu` queue)
     prefers_gpu: ClassVar[bool] = True
+    # True: the method's result is an ONNX graph it writes itself (its MethodSpec has `write_onnx`); in a
+    # pipeline such a step must come last
+    ships_own_graph: ClassVar[bool] = False
 
     seed: int = Field(0, ge=0, description="Seed for every random choice; same seed, same result.")
     skip_layers: list[LayerName] = Field(
@@ -52,6 +68,11 @@ class MethodConfigBase(_Inert):
         description="Hugging Face uploads: also write the dequantized float directory (artifact `hf_float_dir`); "
         "`hf_dir` is the compressed-tensors checkpoint.",
     )
+
+    def calibration_cap(self, default: int) -> int:
+        """Calibration samples the job reads at most for this config; `default`: the service's cap
+        (`calibration_max_samples`), which a method that trains on its data may raise."""
+        return default
 
     @classmethod
     def data_needs(cls) -> dict[str, Any]:
@@ -164,18 +185,55 @@ class PruneStructuredConfig(MethodConfigBase):
     )
     method: Literal["prune_structured"] = "prune_structured"
     target: PruneTarget = Field(default_factory=PruneTarget)
-    importance: Literal["l1", "l2", "bn_scale", "taylor", "activation"] = "l1"
-    recovery: Literal["none", "bn_recalibration", "distillation"] = "bn_recalibration"
-    global_pruning: bool = False
+    importance: Literal["l1", "l2", "bn_scale", "taylor", "activation"] = Field(
+        "activation",
+        description="How units are scored: weight norms (l1, l2), BatchNorm scales, first-order Taylor on the "
+        "labels, or the calibration activations' mean magnitude (activation).",
+    )
+    recovery: Literal["none", "bn_recalibration", "distillation"] = Field(
+        "bn_recalibration",
+        description="After pruning: nothing, BatchNorm statistics re-estimated on the calibration data, or "
+        "distillation from the original (until the held-out loss stops improving, within the time budget).",
+    )
+    global_pruning: bool | None = Field(
+        None,
+        description="Rank units across layers (true) or prune every layer by the same ratio (false); null: "
+        "global for convolutional networks, per layer for transformers.",
+    )
     round_to: int = Field(8, ge=1, le=128, description="Round kept channel counts to a multiple of this.")
-    distillation_steps: int = Field(200, ge=1, le=100_000)
+    distillation_steps: int = Field(
+        5000, ge=1, le=1_000_000, description="Most distillation steps (one calibration batch each)."
+    )
+    distillation_time_budget_s: float = Field(
+        240.0,
+        gt=0,
+        le=86_400,
+        description="Most seconds of distillation; the weights of the best held-out loss so far are kept.",
+    )
+    distillation_patience: int = Field(
+        5,
+        ge=1,
+        le=1000,
+        description="Held-out evaluations (every pass over the calibration batches, 10 to 100 steps) without a "
+        "better held-out loss before the learning rate drops (x0.3, twice); the third stall stops distillation.",
+    )
+    max_calibration_samples: int = Field(
+        8192,
+        ge=1,
+        le=1_000_000,
+        description="Calibration samples read at most (in place of the service's calibration_max_samples): "
+        "recovery trains on all of them, every 10th held out to decide when distillation stops.",
+    )
     max_layer_ratio: float = Field(0.8, gt=0, lt=1, description="Never remove more than this fraction of a layer.")
     iterative_steps: int = Field(
         4, ge=1, le=50, description="Prune in this many steps towards the target, re-scoring units after each."
     )
     distillation_lr: float | None = Field(
-        None, gt=0, le=1, description="AdamW learning rate for distillation; null: 1e-3 with BatchNorm, else 5e-5."
+        None, gt=0, le=1, description="AdamW learning rate for distillation; null: 3e-3 with BatchNorm, else 5e-5."
     )
+
+    def calibration_cap(self, default: int) -> int:
+        return self.max_calibration_samples
 
 
 class PruneUnstructuredConfig(MethodConfigBase):
@@ -302,6 +360,7 @@ class DataFreeConfig(MethodConfigBase):
 
 
 class Int8Config(MethodConfigBase):
+    ships_own_graph: ClassVar[bool] = True
     summary: ClassVar[str] = (
         "Static W8A8: per-channel int8 weights and calibrated 8-bit activations, shipped as a QDQ ONNX graph "
         "that ONNX Runtime runs with integer kernels; a per-node diagnosis says which nodes hurt."
@@ -348,20 +407,122 @@ class Int8Config(MethodConfigBase):
         return self
 
 
+STEP_CONFIG_CLASSES: tuple[type[MethodConfigBase], ...] = (
+    RTNConfig,
+    GPTQConfig,
+    DecoupleQConfig,
+    PruneStructuredConfig,
+    PruneUnstructuredConfig,
+    MixedPrecisionConfig,
+    DataFreeConfig,
+    Int8Config,
+)
+MAX_PIPELINE_STEPS = 8
+
+
+def method_key(cls: type[MethodConfigBase]) -> str:
+    return cls.model_fields["method"].default
+
+
+def _step_class(cls: type[MethodConfigBase]) -> type[_Inert]:
+    """{"method": key, "config": {...}}: one pipeline step of method `key`."""
+    key = method_key(cls)
+    return create_model(  # type: ignore[call-overload, no-any-return]
+        f"{cls.__name__}Step",
+        __base__=_Inert,
+        method=(Literal[key], key),  # type: ignore[valid-type]
+        config=(cls, Field(default_factory=cls, description=f"The {key} config.")),
+    )
+
+
+PIPELINE_STEP_CLASSES: dict[str, type[_Inert]] = {method_key(c): _step_class(c) for c in STEP_CONFIG_CLASSES}
+_STEP_METHODS = ", ".join(PIPELINE_STEP_CLASSES)
+
+
+def _step_tag(value: Any) -> str | None:
+    method = value.get("method") if isinstance(value, dict) else getattr(value, "method", None)
+    return method if method in PIPELINE_STEP_CLASSES else None
+
+
+PipelineStep = Annotated[
+    Union[tuple(Annotated[cls, Tag(key)] for key, cls in PIPELINE_STEP_CLASSES.items())],  # noqa: UP007
+    Discriminator(
+        _step_tag,
+        custom_error_type="unknown_method",
+        custom_error_message=f"unknown step method; a step is one of: {_STEP_METHODS}",
+    ),
+]
+_STEPS_SCHEMA = {
+    "type": "array",
+    "default": [{"method": "prune_structured", "config": {}}, {"method": "quant_int8", "config": {}}],
+    "minItems": 1,
+    "maxItems": MAX_PIPELINE_STEPS,
+    "items": {
+        "type": "object",
+        "properties": {"method": {"enum": list(PIPELINE_STEP_CLASSES)}, "config": {"type": "object"}},
+    },
+}
+
+
+def _default_steps() -> list[Any]:
+    return [PIPELINE_STEP_CLASSES[key](method=key) for key in ("prune_structured", "quant_int8")]
+
+
+class PipelineConfig(MethodConfigBase):
+    summary: ClassVar[str] = (
+        "Several methods in order as one job (e.g. prune_structured then quant_int8): each step compresses the "
+        "previous step's model, the report has each step's numbers, one gate judges the final model."
+    )
+    method: Literal["pipeline"] = "pipeline"
+    steps: Annotated[list[PipelineStep], WithJsonSchema(_STEPS_SCHEMA)] = Field(
+        default_factory=_default_steps,
+        min_length=1,
+        max_length=MAX_PIPELINE_STEPS,
+        description="[{method, config}] run in order; each config as that method's own (its table here). A method "
+        "that ships its own ONNX graph (quant_int8) must be the last step; pipelines do not nest. The pipeline's "
+        "skip_layers are added to every step's, its seed is every step's that sets none.",
+    )
+
+    @field_validator("steps", mode="before")
+    @classmethod
+    def _no_nesting(cls, value: Any) -> Any:
+        for index, step in enumerate(value if isinstance(value, list) else []):
+            if isinstance(step, dict) and step.get("method") == "pipeline":
+                raise PydanticCustomError("nested_pipeline", f"steps[{index}] is a pipeline: pipelines do not nest")
+        return value
+
+    @field_validator("steps")
+    @classmethod
+    def _graph_step_last(cls, value: list[Any]) -> list[Any]:
+        for index, step in enumerate(value[:-1]):
+            if type(step.config).ships_own_graph:
+                raise PydanticCustomError(
+                    "graph_step_not_last",
+                    f"steps[{index}] ({step.method}) ships its own ONNX graph, so it must be the last step",
+                )
+        return value
+
+    def step_configs(self) -> list[MethodConfigBase]:
+        """Each step's config, with the pipeline's skip_layers added and its seed where the step set none."""
+        configs = []
+        for step in self.steps:
+            update: dict[str, Any] = {"skip_layers": [*step.config.skip_layers, *self.skip_layers]}
+            if "seed" not in step.config.model_fields_set:
+                update["seed"] = self.seed
+            configs.append(step.config.model_copy(update=update))
+        return configs
+
+    def calibration_cap(self, default: int) -> int:
+        return max(config.calibration_cap(default) for config in self.step_configs())
+
+
 MethodConfig = Annotated[
-    RTNConfig
-    | GPTQConfig
-    | DecoupleQConfig
-    | PruneStructuredConfig
-    | PruneUnstructuredConfig
-    | MixedPrecisionConfig
-    | DataFreeConfig
-    | Int8Config,
+    Union[(*STEP_CONFIG_CLASSES, PipelineConfig)],  # noqa: UP007 (built from the one list of step methods)
     Field(discriminator="method"),
 ]
 
 CONFIG_CLASSES: dict[str, type[MethodConfigBase]] = {
-    cls.model_fields["method"].default: cls for cls in get_args(get_args(MethodConfig)[0])
+    method_key(cls): cls for cls in get_args(get_args(MethodConfig)[0])
 }
 """Method key -> config class of every built-in method, read from `MethodConfig` (the one list)."""
 METHOD_KEYS: tuple[str, ...] = tuple(CONFIG_CLASSES)

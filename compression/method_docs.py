@@ -61,6 +61,8 @@ def allowed_values(prop: dict[str, Any], defs: dict[str, Any]) -> str:
     kind = prop.get("type")
     if kind == "array":
         return f"list of {allowed_values(prop.get('items', {}), defs)}{_items_limit(prop)}"
+    if kind == "object" and "properties" in prop:
+        return "object: " + "; ".join(f"{k}: {allowed_values(v, defs)}" for k, v in prop["properties"].items())
     if kind == "object":
         values = allowed_values(prop.get("additionalProperties", {}), defs)
         return f"map of name to {values}{_items_limit(prop)}"

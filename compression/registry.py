@@ -16,7 +16,10 @@ _SPECS: dict[type[MethodConfigBase], MethodSpec] = {}
 
 
 def register(spec: MethodSpec) -> MethodSpec:
-    """Make `spec` the method for its config class (and its key); returns it."""
+    """Make `spec` the method for its config class (and its key); returns it. A spec that writes its own
+    ONNX graph must say so on its config class (`ships_own_graph`: pipelines put such a step last)."""
+    if spec.write_onnx is not None and not spec.config_class.ships_own_graph:
+        raise ValueError(f"{spec.key}: a spec with write_onnx needs ships_own_graph = True on its config class")
     _SPECS[spec.config_class] = spec
     return spec
 

@@ -23,6 +23,11 @@ def no_progress(fraction: float, message: str) -> None:
     return None
 
 
+def scaled_progress(progress: ProgressFn, start: float, end: float) -> ProgressFn:
+    """`progress` for a part of the work that spans `start`..`end` of the whole."""
+    return lambda fraction, message: progress(start + (end - start) * min(max(fraction, 0.0), 1.0), message)
+
+
 @dataclass
 class Batches:
     """Model inputs as keyword batches: `model(**batch)` returns one tensor (logits or hidden states), or a

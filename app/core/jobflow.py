@@ -7,7 +7,7 @@ import json
 import logging
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -18,7 +18,7 @@ from app.core.report_view import job_summary
 from app.db import crud
 from app.db.models import Dataset, Job, Model, Project
 from app.schemas.api import ArtifactOut, JobCreate, JobError, JobOut, PreflightOut
-from compression.configs import CONFIG_CLASSES, MethodConfigBase, parse_config
+from compression.configs import CONFIG_CLASSES, PIPELINE_STEP_CLASSES, MethodConfigBase, parse_config
 from compression.method_docs import valid_keys
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,26 @@ def validate_config(method: str, config: dict[str, Any]) -> MethodConfigBase:
 
 
 def _config_error_details(method: str, exc: ValidationError) -> list[dict[str, Any]]:
-    """One item per error with its `config.` path; an unknown key also lists the valid keys there."""
+    """One item per error with its `config.` path (a pipeline step's: `config.steps.1.config.bits`; the
+    method tags pydantic puts in its locations are left out); an unknown key also lists the valid keys there."""
     details = validation_details(list(exc.errors()))
     for item in details:
-        parts = [p for p in item["path"].split(".") if p != method]
+        located = item["path"].split(".")
+        parts = [p for p in located[1:] if p not in PIPELINE_STEP_CLASSES] if located[:1] == [method] else located
         item["path"] = "config." + ".".join(parts)
         if item["type"] == "extra_forbidden":
-            item["valid"] = valid_keys(CONFIG_CLASSES[method], parts[:-1])
+            item["valid"] = valid_keys(*_model_at(method, located[1:-1]))
             item["message"] += f"; valid keys: {', '.join(item['valid'])}"
     return details
+
+
+def _model_at(method: str, located: list[str]) -> tuple[type[BaseModel], list[str]]:
+    """(the config model an error location is in, the path inside it): a pipeline step's own model after the
+    step's method tag, else the method's config class."""
+    tags = [index for index, part in enumerate(located) if part in PIPELINE_STEP_CLASSES]
+    if method == "pipeline" and tags:
+        return PIPELINE_STEP_CLASSES[located[tags[0]]], located[tags[0] + 1 :]
+    return CONFIG_CLASSES[method], located
 
 
 def resolve_inputs(

@@ -76,7 +76,12 @@ class Settings(BaseSettings):
     )
     janitor_interval_s: float = Field(10.0, gt=0)
     janitor_enabled: bool = True
-    calibration_max_samples: int = Field(512, ge=1, description="Calibration samples a job uses at most.")
+    calibration_max_samples: int = Field(
+        512,
+        ge=1,
+        description="Calibration samples a job uses at most, unless its method states its own cap "
+        "(prune_structured: max_calibration_samples; the report's data.calibration.cap says which applied).",
+    )
     evaluation_max_samples: int = Field(10_000, ge=1, description="Evaluation samples a job uses at most.")
     seq_len: int = Field(512, ge=8, description="Token window for text data.")
     benchmark_budget_s: float = Field(10.0, gt=0, description="ONNX Runtime timing budget per model and batch.")

@@ -37,8 +37,15 @@ from compression.primitives.depgraph import ChannelGroup, GroupScan
 from compression.primitives.importance import Criterion, make_importance, score_groups
 from compression.primitives.layers import matches_any
 from compression.primitives.prune_costs import CostTable, measure_costs, removed_counts
-from compression.primitives.recovery import distill, recalibrate_batchnorm
-from compression.types import Batches, CompressionResult, ProgressFn, no_progress, primary_output
+from compression.primitives.recovery import DistillBudget, distill, recalibrate_batchnorm
+from compression.types import (
+    Batches,
+    CompressionResult,
+    ProgressFn,
+    no_progress,
+    primary_output,
+    scaled_progress,
+)
 
 LatencyFn = Callable[[nn.Module], float]
 _SEARCH_ITERATIONS = 40
@@ -74,6 +81,12 @@ class _State:
     def example(self) -> dict[str, Any]:
         return self.calib.inputs[0]
 
+    @property
+    def global_ranking(self) -> bool:
+        """config.global_pruning; unset: global for convolutional networks, per layer for transformers."""
+        chosen = self.config.global_pruning
+        return not self.transformer if chosen is None else chosen
+
     def protected(self, name: str) -> bool:
         return matches_any(name, self.config.skip_layers)
 
@@ -106,9 +119,9 @@ def prune_structured(
         torch.manual_seed(config.seed)
         state, scan0 = _initial_state(work, calib, config)
         progress(0.05, f"{sum(g.size for g in scan0.groups)} prunable units in {len(scan0.groups)} groups")
-        latency = _prune_to_target(work, state, measure_latency, _scaled(progress, 0.05, 0.7))
+        latency = _prune_to_target(work, state, measure_latency, scaled_progress(progress, 0.05, 0.7))
         _check_runs(work, calib.inputs[0], reference)
-        recovery = _recover(work, model, calib, config, _scaled(progress, 0.7, 0.98))
+        recovery = _recover(work, model, calib, config, scaled_progress(progress, 0.7, 0.98))
     result = _result(work, model, state, scan0, recovery, latency)
     progress(1.0, "structured pruning done")
     return result
@@ -193,7 +206,7 @@ def _prune_step(work: nn.Module, state: _State, metric: str, target: float, shar
         scores = score_groups(state.importance, scan.groups)
         planner = _Planner(scan.groups, scores, state, measure_costs(work, state.example), metric)
         # Transformers keep one ratio for every layer (uniform sizes reload natively) unless ranked globally.
-        final = planner.search(target, refine=state.config.global_pruning or not state.transformer)
+        final = planner.search(target, refine=state.global_ranking or not state.transformer)
         keeps = [planner.partway(index, keep, share) for index, keep in enumerate(final)]
         removals = planner.removals(keeps)
         if state.transformer:
@@ -219,11 +232,10 @@ class _Planner:
     metric: str
 
     def __post_init__(self) -> None:
-        config = self.state.config
         self.options = [self._keep_options(g) for g in self.groups]
         self.set_scores = [_tied_scores(g, s) for g, s in zip(self.groups, self.scores, strict=True)]
         self.units_now = sum(g.size for g in self.groups)
-        self.global_ranking = config.global_pruning
+        self.global_ranking = self.state.global_ranking
         top = max((float(s.max()) for s in self.scores if s.numel()), default=1.0)
         self.high = top * 1.001 + 1e-9 if self.global_ranking else 1.0
         self.cache: dict[tuple[int, int], list[int]] = {}
@@ -358,11 +370,14 @@ def _recover(
         return {"method": "none"}
     if config.recovery == "bn_recalibration":
         return recalibrate_batchnorm(work, calib)
-    lr = config.distillation_lr or (1e-3 if _has_batchnorm(work) else 5e-5)
+    lr = config.distillation_lr or (3e-3 if _has_batchnorm(work) else 5e-5)
+    budget = DistillBudget(
+        max_steps=config.distillation_steps,
+        time_budget_s=config.distillation_time_budget_s,
+        patience=config.distillation_patience,
+    )
     with _eval_mode(original):
-        report = distill(
-            work, original, calib, steps=config.distillation_steps, lr=lr, seed=config.seed, progress=progress
-        )
+        report = distill(work, original, calib, budget=budget, lr=lr, seed=config.seed, progress=progress)
     if _has_batchnorm(work):
         report["bn_recalibration"] = recalibrate_batchnorm(work, calib)
     return report
@@ -397,7 +412,7 @@ def _result(
         "channels": _channels(original, work),
         "heads": _heads(original, work),
         "importance": state.importance.name,
-        "global_pruning": config.global_pruning,
+        "global_pruning": state.global_ranking,
         "steps": state.steps,
         "pruning_history": state.history,
         "recovery": recovery,
@@ -441,7 +456,7 @@ def _heads(original: nn.Module, work: nn.Module) -> dict[str, list[int]]:
 
 def _notes(state: _State, stats: dict[str, Any], hf: dict[str, Any]) -> list[str]:
     config = state.config
-    ranking = "global ranking" if config.global_pruning else "per-layer ratio"
+    ranking = "global ranking" if state.global_ranking else "per-layer ratio"
     notes = [
         f"importance {state.importance.name}, {ranking}, {len(state.steps)} pruning step(s); kept channel "
         f"and neuron counts rounded to multiples of {config.round_to}, at most "
@@ -468,12 +483,26 @@ def _recovery_note(recovery: dict[str, Any]) -> str:
             f"({recovery['layers']} layers)"
         )
     if recovery["method"] == "distillation":
-        return (
-            f"recovery: {recovery['steps']} distillation steps from the original model "
-            f"({recovery['loss']} loss {recovery['loss_first']:.4g} -> {recovery['loss_last']:.4g}, "
-            f"lr {recovery['lr']:g})"
-        )
+        return _distillation_note(recovery)
     return "recovery: none"
+
+
+_STOPS = {
+    "converged": "the held-out loss stopped improving",
+    "time_budget": "distillation_time_budget_s ran out",
+    "max_steps": "distillation_steps ran",
+}
+
+
+def _distillation_note(recovery: dict[str, Any]) -> str:
+    held, samples = recovery["held_out_loss"], recovery["samples"]
+    return (
+        f"recovery: {recovery['steps']} distillation steps from the original model in {recovery['seconds']:.0f} s "
+        f"on {samples['train']} calibration samples, stopped because {_STOPS[recovery['stop_reason']]}; "
+        f"{recovery['loss']} loss on {samples['held_out']} held-out samples {held['first']:.4g} -> best "
+        f"{held['best']:.4g} (step {held['best_step']}, kept) -> last {held['last']:.4g}; lr {recovery['lr']:g} "
+        f"with {recovery['lr_drops']} drop(s)"
+    )
 
 
 # ---------------------------------------------------------------- Hugging Face configs
@@ -550,7 +579,3 @@ def _eval_mode(model: nn.Module) -> Iterator[None]:
     finally:
         for module, flag in flags:
             module.training = flag
-
-
-def _scaled(progress: ProgressFn, start: float, end: float) -> ProgressFn:
-    return lambda fraction, message: progress(start + (end - start) * min(max(fraction, 0.0), 1.0), message)

@@ -84,12 +84,22 @@ class MethodSpec:
     # run in ONNX Runtime); None: the result's torch module is exported and its quantized layers rewritten.
     # Such a method ships that graph only: no Hugging Face directory is saved from its module.
     write_onnx: WriteOnnxFn | None = None
+    # for a method whose artifact depends on its config (a pipeline ships what its last step ships):
+    # config -> the `write_onnx` that applies; None: `write_onnx` above
+    write_onnx_for: Callable[[Any], WriteOnnxFn | None] | None = None
+    # True: its `run` hook measures candidates (`MethodRun.measure`) although it has no `pick` (a pipeline whose
+    # last step picks)
+    measures: bool = False
     # the report's `stats` section
     report_section: Callable[[CompressionResult], dict[str, Any]] = report_stats
 
     @property
     def key(self) -> str:
         return self.config_class.model_fields["method"].default
+
+    def onnx_writer(self, config: MethodConfigBase) -> WriteOnnxFn | None:
+        """The `write_onnx` hook for `config` (None: the result's torch module is exported)."""
+        return self.write_onnx_for(config) if self.write_onnx_for else self.write_onnx
 
     @property
     def data(self) -> dict[str, Any]:

@@ -44,11 +44,13 @@ def synthetic_batches(specs: list[InputSpec], loaded: LoadedModel, count: int, s
     return Batches(inputs=[batch])
 
 
-def sample_caps(spec: JobSpec, loaded: LoadedModel) -> tuple[int, int]:
-    """(calibration, evaluation) sample caps; LM windows are long, so far fewer of them."""
+def sample_caps(spec: JobSpec, loaded: LoadedModel, config: MethodConfigBase) -> tuple[int, int]:
+    """(calibration, evaluation) sample caps: the method's calibration cap (the job's unless the method
+    states its own); LM windows are long, so far fewer of them."""
+    calibration = config.calibration_cap(spec.calibration_samples)
     if loaded.task == "causal_lm":
-        return min(spec.calibration_samples, 32), min(spec.evaluation_samples, 16)
-    return spec.calibration_samples, spec.evaluation_samples
+        return min(calibration, 32), min(spec.evaluation_samples, 16)
+    return calibration, spec.evaluation_samples
 
 
 def rows_per_forward(loaded: LoadedModel, seq_len: int, wanted: int) -> int:
@@ -125,7 +127,7 @@ def read_job_data(
     spec: JobSpec, loaded: LoadedModel, config: MethodConfigBase
 ) -> tuple[Batches | None, Batches | None, dict[str, Any] | None]:
     """(calibration, evaluation, the split or None): disjoint by construction (module docstring)."""
-    calibration_cap, evaluation_cap = sample_caps(spec, loaded)
+    calibration_cap, evaluation_cap = sample_caps(spec, loaded, config)
     source = _split_source(spec, config)
     if source is None:
         calibration = read_dataset(spec.calibration_path, loaded, spec, calibration_cap)
@@ -180,9 +182,14 @@ def plan_data(
     *,
     seq_len: int,
     split: dict[str, Any] | None = None,
+    calibration_cap: int | None = None,
 ) -> tuple[Batches | None, Batches, dict[str, Any]]:
-    """(batches for the method, batches for fidelity, the report's `data` section)."""
+    """(batches for the method, batches for fidelity, the report's `data` section); `calibration_cap`: the
+    most calibration samples the job read (stated in the section)."""
     notes: list[str] = []
+    if calib is not None and calibration_cap is not None:
+        cap = f"calibration data read up to {calibration_cap} samples ({config.method})"
+        notes.append(f"{cap}; {batch_rows(calib)} read")
     if config.needs_calibration and calib is None:
         raise JobError("calibration_required", f"{config.method} needs calibration data; none was given")
     if split is not None:
@@ -199,8 +206,11 @@ def plan_data(
             "the gate's verdict is inconclusive"
         )
     method_source = "calibration" if calib is not None else None
+    described = _describe(calib, "calibration")
+    if described is not None:
+        described["cap"] = calibration_cap
     section = {
-        "calibration": _describe(calib, "calibration"),
+        "calibration": described,
         "evaluation": _describe(eval_data, eval_source),
         "method_data": _describe(calib, method_source),
         "used_for": {"method": method_source, "fidelity": eval_source},

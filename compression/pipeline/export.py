@@ -69,7 +69,7 @@ def export_stage(
     """Write the artifacts and the original's ONNX (what the compressed one is measured against); the third
     value says which serving formats were written and what each could not express."""
     stages.start("export", "writing ONNX, safetensors, the manifest and the serving formats")
-    write_graph = registry.spec_for(config).write_onnx
+    write_graph = registry.spec_for(config).onnx_writer(config)
     loaded.module.cpu()
     result.model.cpu()
     try:

@@ -17,7 +17,7 @@ from compression.io import LoadedModel, load_model
 from compression.io.data import read_pairs
 from compression.methods.spec import MeasureFn, MethodRun
 from compression.pipeline.context import JobError, JobSpec, Stages, parse, to_device
-from compression.pipeline.data import plan_data, read_job_data
+from compression.pipeline.data import plan_data, read_job_data, sample_caps
 from compression.pipeline.preflight import refuse_if_over_memory
 from compression.pipeline.report import fraction_at_target, layer_rows
 from compression.types import Batches, CompressionResult
@@ -42,8 +42,9 @@ def load_inputs(spec: JobSpec, stages: Stages) -> JobInputs:
         calib, evaluation, split = read_job_data(spec, loaded, config)
     except CompressionError as error:
         raise JobError(error.code, error.message) from error
+    cap = sample_caps(spec, loaded, config)[0]
     method_data, eval_data, data_section = plan_data(
-        config, calib, evaluation, loaded, seq_len=spec.seq_len, split=split
+        config, calib, evaluation, loaded, seq_len=spec.seq_len, split=split, calibration_cap=cap
     )
     stages.end()
     adapt = registry.spec_for(config).adapt_config
@@ -84,7 +85,7 @@ def compress_stage(inputs: JobInputs, spec: JobSpec, stages: Stages) -> Compress
     """Run the method (its own `run` hook when it has one), then let it pick among its candidates."""
     config, method = inputs.config, registry.spec_for(inputs.config)
     source = inputs.data_section.get("used_for", {}).get("fidelity")
-    measure = candidate_measure(inputs, spec) if method.pick else None
+    measure = candidate_measure(inputs, spec) if method.pick or method.measures else None
     run = MethodRun(inputs.loaded, inputs.method_data, config, spec, stages.report, measure, source)
     stages.start("compress", f"running {config.method}")
     try:

@@ -212,6 +212,28 @@ def test_unknown_config_key_lists_the_valid_keys(api) -> None:  # type: ignore[n
     assert nested.json()["error"]["details"][0]["valid"] == ["metric", "reduction"]
 
 
+def test_pipeline_steps_are_validated_at_job_creation(api, onnx_model) -> None:  # type: ignore[no-untyped-def]
+    def create(steps: list[dict]) -> list[dict]:
+        response = _job(api, onnx_model["id"], method="pipeline", config={"steps": steps})
+        assert response.status_code == 422 and _error_code(response) == "invalid_config", response.text
+        return response.json()["error"]["details"]
+
+    prune = {"method": "prune_structured", "config": {}}
+    (unknown,) = create([prune, {"method": "quant_nope", "config": {}}])
+    assert unknown["type"] == "unknown_method" and unknown["path"] == "config.steps.1"
+    assert "quant_int8" in unknown["message"]
+    bad_bits, extra = create([{"method": "quant_rtn", "config": {"bits": 5, "bitz": 4}}])
+    assert (bad_bits["type"], bad_bits["path"]) == ("literal_error", "config.steps.0.config.bits")
+    assert extra["path"] == "config.steps.0.config.bitz" and "bits" in extra["valid"]
+    (order,) = create([{"method": "quant_int8", "config": {}}, prune])
+    assert order["type"] == "graph_step_not_last" and "must be the last step" in order["message"]
+    (nested,) = create([{"method": "pipeline", "config": {}}])
+    assert nested["type"] == "nested_pipeline" and nested["path"] == "config.steps"
+    methods = {m["key"]: m for m in api.get("/v1/methods").json()}
+    assert methods["pipeline"]["config_schema"]["properties"]["steps"]["maxItems"] == 8
+    assert api.get("/v1/jobs").json()["total"] == 0
+
+
 def test_health_readiness_metrics_and_docs(api, onnx_model) -> None:  # type: ignore[no-untyped-def]
     _job(api, onnx_model["id"])
     assert api.client.get("/healthz").json() == {"status": "ok"}

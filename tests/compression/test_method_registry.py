@@ -156,7 +156,9 @@ def test_every_builtin_method_has_a_spec() -> None:
 def test_the_job_pipeline_names_no_method() -> None:
     """Method-specific behaviour lives in the method's spec, never in the stages."""
     sources = [ROOT / "compression" / "job.py", *sorted((ROOT / "compression" / "pipeline").glob("*.py"))]
-    pattern = re.compile("|".join(METHOD_KEYS))
+    # the `pipeline` method's key is also the stages' package name: only a quoted key counts for it
+    keys = [key for key in METHOD_KEYS if key != "pipeline"]
+    pattern = re.compile("|".join([*keys, "[\"']pipeline[\"']"]))
     hits = [
         f"{path.name}:{n}"
         for path in sources

@@ -166,8 +166,8 @@ def test_residual_concat_depthwise_grouped_stay_consistent(importance: str) -> N
 
 def test_ratio_target_halves_every_group() -> None:
     model, calib = _mixed_net(), _random_batches()
-    result = compress(model, calib, _config(target={"metric": "ratio", "reduction": 0.5}))
-    channels = result.stats["channels"]
+    config = _config(target={"metric": "ratio", "reduction": 0.5}, global_pruning=False)  # one ratio per layer
+    channels = compress(model, calib, config).stats["channels"]
     assert channels["stem.0"] == [32, 16]
     assert channels["down.0"] == [64, 32]
     assert channels["block1.conv"] == [32, 16] and channels["block2.conv"] == [32, 16]
@@ -254,7 +254,7 @@ def test_deterministic_and_input_not_mutated() -> None:
     model, calib = _mixed_net(), _random_batches()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     config = _config(target={"metric": "flops", "reduction": 0.5}, importance="taylor", recovery="distillation")
-    config = config.model_copy(update={"distillation_steps": 5})
+    config = config.model_copy(update={"distillation_steps": 30})  # held-out loss below the start's by then
     first = compress(model, calib, config)
     torch.manual_seed(99)  # the global RNG state left by other code must not matter, only config.seed
     second = compress(model, calib, config)
@@ -359,14 +359,21 @@ def test_bn_recalibration_beats_no_recovery(digits: dict) -> None:
     assert accuracy["bn_recalibration"] > accuracy["none"] + 0.05  # measured: 0.98 vs 0.80
 
 
-def test_distillation_reports_bounded_steps(digits: dict) -> None:
-    config = _config(target={"metric": "flops", "reduction": 0.5}, recovery="distillation", distillation_steps=12)
+def test_distillation_reports_what_ran(digits: dict) -> None:
+    target = {"metric": "flops", "reduction": 0.5}
+    config = _config(target=target, recovery="distillation", distillation_steps=24, distillation_lr=3e-3)
     seen: list[tuple[float, str]] = []
     result = compress(digits["model"], digits["calib"], config, progress=lambda f, m: seen.append((f, m)))
     recovery = result.stats["recovery"]
-    assert recovery["steps"] == 12 and recovery["loss"] == "kl"
-    assert recovery["loss_last"] < recovery["loss_first"]
-    assert any("distillation step 12/12" in message for _, message in seen)
+    assert recovery["steps"] == 24 and recovery["loss"] == "kl" and recovery["stop_reason"] == "max_steps"
+    # every 10th of the 512 calibration rows is held out to judge the training
+    assert recovery["samples"] == {"train": 461, "held_out": 51}
+    held = recovery["held_out_loss"]
+    assert held["best"] < held["first"] and held["best"] <= held["last"]
+    # every 10 steps (a pass over the 8 batches, at least 10), and once more at the end
+    assert [point[0] for point in held["curve"]] == [0, 10, 20, 24]
+    assert any("distillation step 20, held-out loss" in message for _, message in seen)
+    assert any("stopped because distillation_steps ran" in note for note in result.notes)
     fractions = [fraction for fraction, _ in seen]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
