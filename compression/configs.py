@@ -517,7 +517,7 @@ class PipelineConfig(MethodConfigBase):
 
 
 MethodConfig = Annotated[
-    Union[(*STEP_CONFIG_CLASSES, PipelineConfig)],  # noqa: UP007 (built from the one list of step methods)
+    Union[(*STEP_CONFIG_CLASSES, PipelineConfig)],  # built from the one list of step methods
     Field(discriminator="method"),
 ]
 
