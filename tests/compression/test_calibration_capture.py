@@ -98,7 +98,7 @@ def test_quantizing_from_a_shared_capture_equals_capturing_anew() -> None:
     """Mixed precision hands each budget the blocks' inputs of its one pass: the codes are those of a run
     that captures its own, and the shared capture is left intact for the next budget."""
     model, calib = _model_and_data()
-    config = SimpleNamespace(quantizer="gptq", group_size=8, symmetric=False)
+    config = SimpleNamespace(quantizer="gptq", group_size=8, zero_point="float")
 
     def run(captured: object) -> dict[str, torch.Tensor]:
         work = _Counted()
