@@ -37,6 +37,7 @@ def run_job(spec: JobSpec, *, progress: ProgressCallback, should_cancel: Callabl
     measured["export_check"]["formats"] = formats
     latency = benchmark_stage(runtimes, loaded, eval_data, spec, stages)
     measured.update(latency=latency, baseline=baseline, data=inputs.data_section, timings=stages.timings)
+    measured["resources"] = stages.memory.section()
     report = build_report(spec, inputs.config, inputs.loaded, result, measured, artifacts)
     progress("benchmark", 1.0, "done")
     return JobOutput(report=report, artifacts=artifacts)
