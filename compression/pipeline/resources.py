@@ -9,11 +9,13 @@ is the process's peak since it started, and `resources.basis` says so. On CUDA t
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 _STATUS, _CLEAR_REFS = Path("/proc/self/status"), Path("/proc/self/clear_refs")
 EXACT = "VmHWM of the job's process, reset at each stage start (/proc/self/clear_refs)"
@@ -71,3 +73,14 @@ class StageMemory:
             "pid": os.getpid(),
             "basis": EXACT if self.exact else CUMULATIVE,
         }
+
+
+def release_weights(*modules: nn.Module) -> None:
+    """Free the modules' parameters and buffers once nothing reads their values again: they move to the
+    `meta` device, so shapes, dtypes and counts (the report's sizes) stay and the memory goes."""
+    for module in modules:
+        try:
+            module.to("meta")
+        except (RuntimeError, NotImplementedError, TypeError):  # a module that cannot move keeps its memory
+            continue
+    gc.collect()
