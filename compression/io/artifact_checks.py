@@ -12,6 +12,7 @@ EXPORT_TOLERANCE`. Top-1 agreement and mean cosine are on the first (primary) ou
 from __future__ import annotations
 
 import copy
+import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -139,6 +140,7 @@ def artifact_outputs(
             outputs[kind] = torch_outputs(runner(path, result), example)
         except Exception as error:  # an artifact that does not load or run does not match
             outputs[kind] = {"passed": False, "reason": f"{type(error).__name__}: {error}", "compared_to": "onnx"}
+        gc.collect()  # the artifact's model goes before the next one loads
     return outputs
 
 
