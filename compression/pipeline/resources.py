@@ -9,6 +9,7 @@ is the process's peak since it started, and `resources.basis` says so. On CUDA t
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 from pathlib import Path
@@ -34,6 +35,16 @@ def status_bytes(field: str) -> int:
     return 0
 
 
+def trim_heap() -> None:
+    """Give freed heap memory back to the system. glibc raises its mmap threshold after a large block is freed,
+    so later weight-sized tensors (up to 32 MB) live on the heap, and freeing them leaves the pages resident
+    (a freed model's weights stayed in RSS); malloc_trim(0) releases every free page. No-op off glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        return
+
+
 def reset_peak() -> bool:
     """Reset the process's resident high-water mark to its current resident size; False where refused."""
     try:
@@ -51,6 +62,7 @@ class StageMemory:
         self.exact = True
 
     def start(self) -> None:
+        trim_heap()  # what the last stage freed leaves RSS before this stage's peak is measured from it
         self.exact = reset_peak() and self.exact
         if torch.cuda.is_available() and torch.cuda.is_initialized():
             torch.cuda.reset_peak_memory_stats()
@@ -84,3 +96,4 @@ def release_weights(*modules: nn.Module) -> None:
         except (RuntimeError, NotImplementedError, TypeError):  # a module that cannot move keeps its memory
             continue
     gc.collect()
+    trim_heap()

@@ -47,3 +47,18 @@ def test_job_report_has_peak_memory_for_every_stage(tmp_path: Path) -> None:
         assert entry["peak_rss_bytes"] >= entry["end_rss_bytes"] > 0
     assert resources["peak_rss_bytes"] == max(e["peak_rss_bytes"] for e in resources["stages"].values())
     assert resources["peak_stage"] in STAGES
+
+
+def test_released_weights_leave_resident_memory() -> None:
+    import torch
+    from torch import nn
+
+    from compression.pipeline.resources import release_weights
+
+    bump = torch.ones(5 * 2**20)  # 20 MB: once freed, glibc serves 16 MB blocks from its heap, not mmap
+    del bump
+    model = nn.Sequential(*[nn.Linear(2048, 2048, bias=False) for _ in range(24)])  # 24 x 16 MB, on the heap
+    before = status_bytes("VmRSS")
+    release_weights(model)
+    assert before - status_bytes("VmRSS") > 300 * 2**20
+    assert model[0].weight.device.type == "meta" and model[0].weight.shape == (2048, 2048)
