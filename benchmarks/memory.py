@@ -209,7 +209,8 @@ def save(results: list[dict[str, Any]], args: argparse.Namespace) -> None:
     payload = {
         "benchmark": "memory",
         "command": " ".join(["benchmarks/memory.py", *sys.argv[1:]]),
-        "deployment": "`modelpress serve --workers 1` embedded (uvicorn + one Celery worker; SQLite, filesystem broker)",
+        "deployment": "`modelpress serve --workers 1` embedded (uvicorn + one Celery worker; SQLite, filesystem "
+        "broker)",
         "job": f"quant_gptq bits 4 group 128; {args.samples} x {args.seq_len} random tokens for calibration and for "
         "evaluation; ONNX Runtime timing budget 1 s",
         "machine": f"{os.cpu_count()} CPUs, {psutil.virtual_memory().total / 2**30:.0f} GiB, shared with other jobs",
