@@ -14,7 +14,7 @@ from pathlib import Path
 
 from compression.pipeline.context import JobError, JobOutput, JobSpec, ProgressCallback, Stages
 from compression.pipeline.evaluate import evaluate_stage
-from compression.pipeline.export import benchmark_stage, export_stage, open_runtimes
+from compression.pipeline.export import benchmark_stage, export_stage
 from compression.pipeline.generation import generation_latency
 from compression.pipeline.report import build_report
 from compression.pipeline.run import compress_stage, load_inputs
@@ -33,13 +33,13 @@ def run_job(spec: JobSpec, *, progress: ProgressCallback, should_cancel: Callabl
     artifacts, baseline, formats = export_stage(
         loaded, result, eval_data, spec, inputs.config, inputs.data_section, stages
     )
-    runtimes = open_runtimes(baseline, artifacts["onnx"], spec)
-    measured = evaluate_stage(loaded, result, eval_data, runtimes, artifacts, spec, stages)
+    measured, runtimes = evaluate_stage(loaded, result, eval_data, baseline, artifacts, spec, stages)
     measured["export_check"]["formats"] = formats
     latency = benchmark_stage(runtimes, loaded, eval_data, spec, stages)
     if loaded.task == "causal_lm":
         latency["generation"] = generation_latency(loaded, artifacts, spec, stages)
     measured.update(latency=latency, baseline=baseline, data=inputs.data_section, timings=stages.timings)
+    measured["resources"] = stages.memory.section()
     report = build_report(spec, inputs.config, inputs.loaded, result, measured, artifacts)
     progress("benchmark", 1.0, "done")
     return JobOutput(report=report, artifacts=artifacts)

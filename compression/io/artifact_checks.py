@@ -13,6 +13,7 @@ EXPORT_TOLERANCE`. Top-1 agreement and mean cosine are on the first (primary) ou
 from __future__ import annotations
 
 import copy
+import gc
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -130,25 +131,40 @@ def _holds_layers(result: CompressionResult) -> bool:
     return all(name in modules for name in result.quantized)
 
 
-def check_artifacts(
-    artifacts: dict[str, Path], onnx_outputs: Outputs, example: dict[str, torch.Tensor], result: CompressionResult
-) -> dict[str, dict[str, Any]]:
-    """Each model artifact other than the ONNX, run on `example` and compared with the ONNX's outputs."""
-    checks = {}
+def artifact_outputs(
+    artifacts: dict[str, Path], example: dict[str, torch.Tensor], result: CompressionResult
+) -> dict[str, Outputs | dict[str, Any]]:
+    """Each model artifact other than the ONNX, loaded (one at a time) and run on `example`: its outputs, or
+    its check already decided where it is not runnable or does not load or run."""
+    outputs: dict[str, Outputs | dict[str, Any]] = {}
     for kind, path in artifacts.items():
         runner = ARTIFACT_RUNNERS.get(kind)
         if runner is None:
             continue
         if kind == "safetensors" and not _holds_layers(result):
-            checks[kind] = {"checked": False, "passed": None, "compared_to": "onnx", "reason": WEIGHTS_ONLY}
+            outputs[kind] = {"checked": False, "passed": None, "compared_to": "onnx", "reason": WEIGHTS_ONLY}
             continue
         try:
-            outputs = torch_outputs(runner(path, result), example)
+            outputs[kind] = torch_outputs(runner(path, result), example)
         except Exception as error:  # an artifact that does not load or run does not match
-            checks[kind] = {"passed": False, "reason": f"{type(error).__name__}: {error}", "compared_to": "onnx"}
-            continue
-        checks[kind] = {**output_agreement(outputs, onnx_outputs), "compared_to": "onnx"}
-    return checks
+            outputs[kind] = {"passed": False, "reason": f"{type(error).__name__}: {error}", "compared_to": "onnx"}
+        gc.collect()  # the artifact's model goes before the next one loads
+    return outputs
+
+
+def compare_artifacts(outputs: dict[str, Outputs | dict[str, Any]], onnx_outputs: Outputs) -> dict[str, dict]:
+    """`artifact_outputs` compared with the ONNX's outputs on the same example."""
+    return {
+        kind: got if isinstance(got, dict) else {**output_agreement(got, onnx_outputs), "compared_to": "onnx"}
+        for kind, got in outputs.items()
+    }
+
+
+def check_artifacts(
+    artifacts: dict[str, Path], onnx_outputs: Outputs, example: dict[str, torch.Tensor], result: CompressionResult
+) -> dict[str, dict[str, Any]]:
+    """Each model artifact other than the ONNX, run on `example` and compared with the ONNX's outputs."""
+    return compare_artifacts(artifact_outputs(artifacts, example, result), onnx_outputs)
 
 
 def onnx_outputs(onnx: OrtModel, example: dict[str, torch.Tensor]) -> Outputs:

@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from compression import registry
 from compression.archives import ArchiveLimits
 from compression.configs import MethodConfigBase
+from compression.pipeline.resources import StageMemory
 from compression.types import Batches
 
 ProgressCallback = Callable[[str, float, str], None]
@@ -69,20 +70,24 @@ class JobError(Exception):
 
 
 class Stages:
-    """Maps a stage's own 0..1 progress onto the job's, and honours cancellation at every report."""
+    """Maps a stage's own 0..1 progress onto the job's, honours cancellation at every report, and records
+    each stage's wall time (`timings`) and peak memory (`memory`)."""
 
     def __init__(self, progress: ProgressCallback, should_cancel: Callable[[], bool]) -> None:
         self.progress, self.should_cancel = progress, should_cancel
         self.timings: dict[str, float] = {}
+        self.memory = StageMemory()
         self._stage, self._started = "load", time.perf_counter()
 
     def start(self, stage: str, message: str) -> None:
         self.check_cancel()
         self._stage, self._started = stage, time.perf_counter()
+        self.memory.start()
         self.report(0.0, message)
 
     def end(self) -> None:
         self.timings[self._stage] = round(time.perf_counter() - self._started, 3)
+        self.memory.end(self._stage)
 
     def report(self, fraction: float, message: str) -> None:
         self.check_cancel()

@@ -1,7 +1,8 @@
 """The `evaluate` stage: the shipped artifact measured, the PyTorch model as a cross-check.
 
 Task metric and fidelity come from the two ONNX files in ONNX Runtime (the original's and the compressed
-one, in the sessions the benchmark then times): `fidelity.measured_on = "onnx"`. The PyTorch models
+one, in the sessions the benchmark then times): `fidelity.measured_on = "onnx"`. The PyTorch side runs
+first and its weights are freed before the sessions open, so the two never sit in memory together. The PyTorch models
 (the compressed one holds fake-quantized float weights) are measured on the same data as a cross-check,
 `fidelity.cross_check`, with how far their metric is from the artifact's. The export check compares the
 ONNX with the PyTorch model, and every other model artifact with the ONNX, at one tolerance; the gate
@@ -17,23 +18,33 @@ from __future__ import annotations
 
 import math
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
+import torch
 from torch import nn
 
 from compression.evaluate import compare_outputs, estimate_flops, layer_diagnosis
 from compression.evaluate.fidelity import metric_drop, spearman_metric
 from compression.evaluate.latency import make_session
 from compression.io import LoadedModel
-from compression.io.artifact_checks import EXPORT_TOLERANCE, check_artifacts, onnx_outputs
+from compression.io.artifact_checks import (
+    EXPORT_TOLERANCE,
+    artifact_outputs,
+    compare_artifacts,
+    onnx_outputs,
+    output_agreement,
+    torch_outputs,
+)
 from compression.io.data import read_pairs
-from compression.io.export import verify_onnx
 from compression.io.onnx_rewrite import matmul_nbits_levels, set_accuracy_level
 from compression.io.ort_model import OrtModel
 from compression.pipeline.context import JobError, JobSpec, Stages, example, to_device
-from compression.pipeline.export import Runtimes
+from compression.pipeline.export import Runtimes, open_runtimes
+from compression.pipeline.resources import release_weights
 from compression.types import Batches, CompressionResult
 
 CHECK_ROWS = 64  # rows of the evaluation data every artifact is run on for the export check
@@ -70,18 +81,34 @@ def cross_check(onnx: dict[str, Any], torch_side: dict[str, Any]) -> dict[str, A
     }
 
 
-def export_check(
-    runtimes: Runtimes, result: CompressionResult, artifacts: dict, eval_data: Batches, exact: OrtModel | None = None
-) -> dict[str, Any]:
+@dataclass
+class TorchReference:
+    """What the export check needs from the PyTorch side, computed before any ONNX Runtime session opens:
+    the rows, the compressed model's outputs on them and every other artifact's (`artifact_outputs`)."""
+
+    rows: dict[str, torch.Tensor]
+    compressed: list[np.ndarray]
+    artifacts: dict[str, Any]
+
+
+def torch_reference(result: CompressionResult, artifacts: dict, eval_data: Batches) -> TorchReference:
+    rows = example(eval_data, CHECK_ROWS)
+    return TorchReference(rows, torch_outputs(result.model, rows), artifact_outputs(artifacts, rows, result))
+
+
+def export_check(runtimes: Runtimes, reference: TorchReference, exact: OrtModel | None = None) -> dict[str, Any]:
     """The ONNX against the PyTorch model, and every other model artifact against the ONNX, on the same rows.
     `exact`: the shipped graph with its MatMulNBits at accuracy_level 0, checked in its place when the job ships
     int8 activations (their error is measured by `fidelity.accuracy_level`, not a wrong export)."""
-    rows = example(eval_data, CHECK_ROWS)
-    graph = exact or runtimes.compressed
-    check = verify_onnx(graph, result.model, rows)
+    onnx_side = onnx_outputs(exact or runtimes.compressed, reference.rows)
+    check = {
+        **output_agreement(onnx_side, reference.compressed),
+        "compared_to": "torch",
+        "rows": int(next(iter(reference.rows.values())).shape[0]),
+    }
     if exact is not None:
         check["checked_at_accuracy_level"] = 0
-    others = check_artifacts(artifacts, onnx_outputs(graph, rows), rows, result)
+    others = compare_artifacts(reference.artifacts, onnx_side)
     checked = [c for c in others.values() if c.get("checked", True)]
     errors = [c.get("max_rel_error") for c in (check, *checked)]
     worst = None if any(e is None for e in errors) else max(errors)
@@ -176,34 +203,52 @@ def _diagnosis(loaded: LoadedModel, result: CompressionResult, batches: Batches)
     }
 
 
+def _torch_side(
+    loaded: LoadedModel, result: CompressionResult, eval_data: Batches, artifacts: dict, spec: JobSpec, stages: Stages
+) -> tuple[dict[str, Any], dict, dict, TorchReference, list | None]:
+    """Everything measured on the PyTorch models, the original's weights freed as soon as it is done with
+    and the compressed one's after: the ONNX Runtime sessions then open without either in memory."""
+    pairs = read_pairs(spec.evaluation_path) if spec.evaluation_path and loaded.tokenizer else None
+    loaded.module.to(spec.device)
+    result.model.to(spec.device)
+    batches = to_device(eval_data, spec.device)
+    torch_fidelity = _fidelity(loaded.module, result.model, loaded, batches, pairs, spec)
+    stages.report(0.3, "per-layer diagnosis")
+    diagnosis, flops = _diagnosis(loaded, result, batches)
+    loaded.module.cpu()
+    result.model.cpu()
+    if result.model is not loaded.module:
+        release_weights(loaded.module)
+    stages.report(0.5, "running the compressed model and its artifacts for the export check")
+    reference = torch_reference(result, artifacts, eval_data)
+    release_weights(result.model, loaded.module)
+    return torch_fidelity, diagnosis, flops, reference, pairs
+
+
 def evaluate_stage(
     loaded: LoadedModel,
     result: CompressionResult,
     eval_data: Batches,
-    runtimes: Runtimes,
+    baseline: Path,
     artifacts: dict,
     spec: JobSpec,
     stages: Stages,
-) -> dict[str, Any]:
-    stages.start("evaluate", "measuring the exported models in ONNX Runtime")
+) -> tuple[dict[str, Any], Runtimes]:
+    """The PyTorch side first (then its weights are freed), then the ONNX files in the sessions the benchmark
+    stage goes on to time (returned with the measurements)."""
+    stages.start("evaluate", "measuring the PyTorch models (the cross-check)")
     try:
-        pairs = read_pairs(spec.evaluation_path) if spec.evaluation_path and loaded.tokenizer else None
+        torch_fidelity, diagnosis, flops, reference, pairs = _torch_side(
+            loaded, result, eval_data, artifacts, spec, stages
+        )
+        stages.report(0.7, "measuring the exported models in ONNX Runtime")
+        runtimes = open_runtimes(baseline, artifacts["onnx"], spec)
         fidelity = _fidelity(runtimes.original, runtimes.compressed, loaded, eval_data, pairs, spec)
         fidelity["measured_on"] = "onnx"
         fidelity["onnx_provider"] = runtimes.compressed.provider
         exact = _measure_accuracy_level(runtimes, loaded, eval_data, pairs, spec, fidelity)
-        stages.report(0.4, "cross-checking against the PyTorch models")
-        loaded.module.to(spec.device)
-        result.model.to(spec.device)
-        batches = to_device(eval_data, spec.device)
-        fidelity["cross_check"] = cross_check(
-            fidelity, _fidelity(loaded.module, result.model, loaded, batches, pairs, spec)
-        )
-        stages.report(0.7, "per-layer diagnosis and the export check")
-        diagnosis, flops = _diagnosis(loaded, result, batches)
-        loaded.module.cpu()
-        result.model.cpu()
-        check = export_check(runtimes, result, artifacts, eval_data, exact)
+        fidelity["cross_check"] = cross_check(fidelity, torch_fidelity)
+        check = export_check(runtimes, reference, exact)
     except JobError:
         raise
     except Exception as error:
@@ -211,4 +256,4 @@ def evaluate_stage(
     if not check["passed"] and not spec.gate:
         raise JobError("export_mismatch", f"the shipped artifacts disagree beyond {EXPORT_TOLERANCE}: {check}")
     stages.end()
-    return {"fidelity": fidelity, "diagnosis": diagnosis, "flops": flops, "export_check": check}
+    return {"fidelity": fidelity, "diagnosis": diagnosis, "flops": flops, "export_check": check}, runtimes

@@ -113,7 +113,7 @@ def build_report(
     measured: dict[str, Any],
     artifacts: dict[str, Path],
 ) -> dict[str, Any]:
-    """`measured`: fidelity, latency, flops, diagnosis, export_check, data, timings, baseline (ONNX path)."""
+    """`measured`: fidelity, latency, flops, diagnosis, export_check, data, timings, resources, baseline (ONNX path)."""
     layers = layer_rows(result, loaded)
     original, compressed = _sides(spec, loaded, result, measured, artifacts)
     compressed["fraction_at_target_bits"] = fraction_at_target(config, result, layers)
@@ -133,6 +133,7 @@ def build_report(
         "export_check": measured["export_check"],
         "data": measured["data"],
         "timings_s": measured["timings"],
+        "resources": measured.get("resources"),
         "device": spec.device,  # the device the worker gave the job: `cuda` on a GPU worker, else `cpu`
         "gate": None,
     }
