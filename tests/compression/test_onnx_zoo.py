@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from compression.configs import METHOD_KEYS
+from compression.configs import METHOD_KEYS, STEP_CONFIG_CLASSES, method_key
 from compression.errors import CompressionError
 from compression.io import export_artifacts, load_model, verify_onnx
 from compression.io.loaded import LoadedModel
@@ -217,7 +217,9 @@ def test_every_method_runs_and_exports(zoo_model: tuple[str, LoadedModel], metho
 
 
 def test_every_builtin_method_is_in_the_zoo() -> None:
-    assert set(METHODS) | {"quant_int8"} == set(METHOD_KEYS)
+    """Every method a pipeline can run as a step; a pipeline is only its steps."""
+    steps = {method_key(cls) for cls in STEP_CONFIG_CLASSES}
+    assert set(METHODS) | {"quant_int8"} == steps and set(METHOD_KEYS) - steps == {"pipeline"}
 
 
 def test_quant_int8_quantizes_the_imported_graph(zoo_model: tuple[str, LoadedModel], tmp_path: Path) -> None:
