@@ -202,6 +202,7 @@ def _run_api(host: str, port: int, processes: int) -> None:
     if processes == 1:
         uvicorn.run("app.main:app", host=host, port=port, log_level="info")
         return
+    os.environ["MODELPRESS_SERVE_PID"] = str(os.getpid())  # read by api_process_app in each API process
     uvicorn.run("app.cli:api_process_app", factory=True, host=host, port=port, workers=processes, log_level="info")
 
 
@@ -210,6 +211,10 @@ def api_process_app() -> FastAPI:
     from app.main import create_app
 
     _terminate_with_parent()
+    # the parent-death signal only covers a death after it is set: `serve` killed while this process was
+    # still importing has already re-parented it
+    if os.environ.get("MODELPRESS_SERVE_PID") not in (None, str(os.getppid())):
+        raise SystemExit("serve ended before this API process started")
     return create_app()
 
 
