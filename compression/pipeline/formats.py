@@ -16,6 +16,7 @@ why; for a format not written, why not. The manifest lists every artifact writte
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,24 +46,18 @@ def _hf_artifacts(
     return paths, section
 
 
-def _gguf_artifact(result: CompressionResult, loaded: LoadedModel, out_dir: Path) -> tuple[Path | None, dict]:
-    if loaded.task != "causal_lm":
-        return None, {"written": False, "why": f"GGUF is written for causal LMs; this model is a {loaded.task}"}
-    path = out_dir / "model.gguf"
-    try:
-        section = write_gguf(result, loaded.tokenizer, path)
-    except ExportError as error:
-        path.unlink(missing_ok=True)
-        return None, {"written": False, "why": error.message}
-    return path, {"written": True, **section}
+LmWriter = Callable[[CompressionResult, Any, Path], dict[str, Any]]
+"""write(result, tokenizer, path) -> the format's report section; raises ExportError when it cannot."""
 
 
-def _ort_genai_artifact(result: CompressionResult, loaded: LoadedModel, out_dir: Path) -> tuple[Path | None, dict]:
+def _causal_lm_artifact(
+    write: LmWriter, result: CompressionResult, loaded: LoadedModel, path: Path
+) -> tuple[Path | None, dict]:
+    """A serving format for causal LMs (GGUF, ort_genai): its path and section, or why it was not written."""
     if loaded.task != "causal_lm":
         return None, {"written": False, "why": f"written for causal LMs; this model is a {loaded.task}"}
-    path = out_dir / "model_genai.zip"
     try:
-        section = write_ort_genai(result, loaded.tokenizer, path)
+        section = write(result, loaded.tokenizer, path)
     except ExportError as error:
         path.unlink(missing_ok=True)
         return None, {"written": False, "why": error.message}
@@ -92,10 +87,10 @@ def serving_artifacts(
         paths.update(hf_paths)
     else:
         formats["hf_dir"] = {"written": False, "why": f"written for Hugging Face uploads; this is {loaded.format}"}
-    gguf_path, formats["gguf"] = _gguf_artifact(result, loaded, out_dir)
+    gguf_path, formats["gguf"] = _causal_lm_artifact(write_gguf, result, loaded, out_dir / "model.gguf")
     if gguf_path is not None:
         paths["gguf"] = gguf_path
-    genai_path, formats["ort_genai"] = _ort_genai_artifact(result, loaded, out_dir)
+    genai_path, formats["ort_genai"] = _causal_lm_artifact(write_ort_genai, result, loaded, out_dir / "model_genai.zip")
     if genai_path is not None:
         paths["ort_genai"] = genai_path
     _list_in_manifest(manifest, paths)

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from compression.job import JobSpec, run_job
+from compression.job import run_job
 from compression.pipeline.context import STAGES
 from compression.pipeline.resources import StageMemory, status_bytes
-from tests.helpers import files
+from tests.compression.test_job_memory_estimate import _spec
 
 
 def test_a_stage_peak_is_its_own_not_the_process_lifetime() -> None:
@@ -26,22 +27,15 @@ def test_a_stage_peak_is_its_own_not_the_process_lifetime() -> None:
     big, little = section["stages"]["big"], section["stages"]["small"]
     assert big["peak_rss_bytes"] >= big["end_rss_bytes"] >= 300 * 2**20
     assert section["peak_stage"] == "big" and section["peak_rss_bytes"] == big["peak_rss_bytes"]
-    if section["basis"].startswith("VmHWM of the job's process, reset"):
-        assert little["peak_rss_bytes"] < big["peak_rss_bytes"] - 250 * 2**20
     assert status_bytes("VmRSS") > 0
+    if not section["basis"].startswith("VmHWM of the job's process, reset"):
+        pytest.skip(f"this kernel does not reset the peak per stage: {section['basis']}")
+    assert little["peak_rss_bytes"] < big["peak_rss_bytes"] - 250 * 2**20
 
 
 def test_job_report_has_peak_memory_for_every_stage(tmp_path: Path) -> None:
-    spec = JobSpec(
-        model_path=files.tiny_onnx(tmp_path / "tiny.onnx"),
-        method="quant_rtn",
-        config={"bits": 4, "group_size": None},
-        calibration_path=None,
-        evaluation_path=None,
-        gate=None,
-        work_dir=tmp_path / "work",
-    )
-    resources = run_job(spec, progress=lambda *_: None, should_cancel=lambda: False).report["resources"]
+    report = run_job(_spec(tmp_path, None), progress=lambda *_: None, should_cancel=lambda: False).report
+    resources = report["resources"]
     assert set(resources["stages"]) == set(STAGES)
     for entry in resources["stages"].values():
         assert entry["peak_rss_bytes"] >= entry["end_rss_bytes"] > 0
